@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fqgan import load_strict, torch_load
+
 
 @dataclass
 class FARConfig:
@@ -281,12 +283,7 @@ class FAR(nn.Module):
     def from_checkpoint(cls, path, device="cpu", prefer_ema=True):
         """Load our own checkpoint {'kind': 'far', 'config': asdict(cfg), 'model': sd, optional 'ema': sd, ...}
         (torch.load weights_only=True); prefers 'ema' when present. Returns the model in eval mode on device."""
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"checkpoint {path} not found: check the path") from None
-        except Exception as e:
-            raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}): is it a torch checkpoint?") from e
+        ckpt = torch_load(path)
         kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
         if kind != "far":
             raise ValueError(f"{path} has kind={kind!r}, not 'far': pass a checkpoint written by train_far.py "
@@ -296,7 +293,7 @@ class FAR(nn.Module):
         except TypeError as e:
             raise ValueError(f"{path}: its 'config' does not fit FARConfig ({e}): was it written by another version?")
         sd = ckpt["ema"] if prefer_ema and ckpt.get("ema") is not None else ckpt["model"]
-        _load_strict(model, sd, path)
+        load_strict(model, sd, path)
         return model.to(device).eval()
 
     def configure_optimizer(self, weight_decay, lr, betas, device_type):
@@ -366,20 +363,7 @@ def load_official_state_dict(model, sd, path="official state dict"):
             ours[new] = value
     if unknown:
         raise ValueError(f"{path}: keys that are not part of an official FAR model: {unknown}")
-    _load_strict(model, ours, path)
-
-
-def _load_strict(model, sd, path):
-    """load_state_dict(strict=True) with every missing / unexpected / mis-shaped tensor named in one error."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs ours {tuple(own[k].shape)}"
-              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{path} does not fit FAR({model.cfg}): missing {missing}, unexpected {unexpected}, "
-                         f"shape mismatch {shapes}")
-    model.load_state_dict(sd, strict=True)
+    load_strict(model, ours, path)
 
 
 def checkpoint_dict(model, **extra):

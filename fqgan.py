@@ -405,14 +405,14 @@ class FQGAN(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, device="cpu", prefer_ema=True):
         """Load our own checkpoint or an official FQGAN / LlamaGen one (see load_official_state_dict)."""
-        ckpt = _torch_load(path)
+        ckpt = torch_load(path)
         if isinstance(ckpt, dict) and "kind" in ckpt:
             if ckpt["kind"] != "fqgan":
                 raise ValueError(f"{path} is a '{ckpt['kind']}' checkpoint, not a tokenizer: pass a train_tokenizer.py "
                                  "checkpoint or an official FQGAN/LlamaGen file")
             model = cls(FQGANConfig(**ckpt["config"]))
             sd = ckpt.get("ema") if prefer_ema and ckpt.get("ema") is not None else ckpt["model"]
-            _load_strict(model, sd, path)
+            load_strict(model, sd, path)
         else:
             sd = ckpt
             if isinstance(ckpt, dict):  # official files: plain state dict under 'ema' or 'model'
@@ -482,24 +482,28 @@ def load_official_state_dict(model, sd, path="state dict"):
         if new.endswith("codebook_used"):  # official: float window of indices; ours: int64
             value = value.round().long()
         ours[new] = value
-    _load_strict(model, ours, path)
+    load_strict(model, ours, path)
     return skipped
 
 
-def _load_strict(model, sd, path):
-    """load_state_dict(strict=True) with every missing / unexpected / mis-shaped tensor named in one error."""
+def load_strict(model, sd, source="state dict"):
+    """model.load_state_dict(sd, strict=True), with every missing / unexpected / mis-shaped tensor named in one
+    ValueError (each list cut after 8 names). Shared by fqgan.py, far.py, pretrained.py and the scripts."""
     own = model.state_dict()
+    show = lambda ks: f"{ks[:8]}" + (f" (+{len(ks) - 8} more)" if len(ks) > 8 else "")  # noqa: E731
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs ours {tuple(own[k].shape)}"
-              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs ours {tuple(v.shape)}"
+              for k, v in own.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
     if missing or unexpected or shapes:
-        raise ValueError(f"{path} does not fit {type(model).__name__}({model.cfg}): missing {missing}, "
-                         f"unexpected {unexpected}, shape mismatch {shapes}")
+        raise ValueError(f"{source} does not fit {type(model).__name__}({getattr(model, 'cfg', '')}): missing "
+                         f"{show(missing)}, unexpected {show(unexpected)}, shape mismatch {show(shapes)}")
     model.load_state_dict(sd, strict=True)
+    return model
 
 
-def _torch_load(path):
+def torch_load(path):
+    """torch.load(weights_only=True) on CPU, with one-line errors for a missing or unreadable file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

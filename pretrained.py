@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fqgan import ResidualAttentionBlock
+from fqgan import ResidualAttentionBlock, load_strict
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -115,19 +115,10 @@ def read_state_dict(path):
 
 
 def load_state_dict_strict(model, sd, prefix="", source="state dict"):
-    """Load sd[prefix + key] into every model key, cast to float32; raise naming each missing/unexpected/bad key."""
-    own = model.state_dict()
-    show = lambda ks: f"{ks[:8]}" + (f" (+{len(ks) - 8} more)" if len(ks) > 8 else "")  # noqa: E731
-    got = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    unexpected = [k for k in sd if not k.startswith(prefix) or k[len(prefix):] not in own]
-    missing = [prefix + k for k in own if k not in got]
-    bad = [f"{prefix}{k} {tuple(got[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-           if k in got and got[k].shape != v.shape]
-    if missing or unexpected or bad:
-        raise RuntimeError(f"{source} does not fit {type(model).__name__}: missing {show(missing)}, "
-                           f"unexpected {show(unexpected)}, shape (file vs model) {show(bad)}")
-    model.load_state_dict({k: v.float() for k, v in got.items()}, strict=True)
-    return model
+    """Load sd[prefix + key] into every model key, cast to float32 (fqgan.load_strict names every bad key)."""
+    got = {k[len(prefix):]: v.float() for k, v in sd.items() if k.startswith(prefix)}
+    got.update({k: v for k, v in sd.items() if not k.startswith(prefix)})  # reported as unexpected
+    return load_strict(model, got, f"{source} (keys under '{prefix}')" if prefix else source)
 
 
 # ---- CLIP image encoder
