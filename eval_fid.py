@@ -1,23 +1,56 @@
-"""Evaluation metrics for FQGAN / FAR (arXiv 2411.16681): FID, IS, precision/recall, PSNR, SSIM, codebook usage,
-and the ADM npz format (uint8 NHWC, key arr_0) that the official numbers are computed from.
+"""
+Evaluation of FQGAN / FAR (arXiv 2411.16681): FID, IS, precision/recall, PSNR, SSIM, codebook usage, and the ADM npz
+format (uint8 NHWC, key arr_0) that the official numbers are computed from.
 
-- FID network: the FID variant of InceptionV3 with the TF-ported weights pt_inception-2015-12-05 (pytorch-fid's
-  port of the TTUR graph), reimplemented below under the weight file's own key names. Input [0,1], bilinear resize to
-  299 (align_corners=False, no antialias), then 2x-1, as pytorch-fid 0.3.0. Numbers are close to, not bit-identical
-  with, the TF ADM evaluator used by the paper.
-- Frechet distance and IS follow pytorch-fid / torch-fidelity (unbiased 1008-way logits); precision/recall follow
-  Kynkaanniemi et al. 2019 (k=3) on Inception pool features, as the ADM evaluator does.
+    python eval_fid.py --mode=rfid --ckpt=out/tokenizer/ckpt.pt --data=fashion-mnist      # -> ckpt.pt.rfid.json
+    python eval_fid.py --mode=stats --data=fashion-mnist --split=train --image_size=32 --out=fmnist_train.npz
+    python eval_fid.py --mode=gfid --ckpt=out/far/ckpt.pt --ref=fmnist_train.npz --num_samples=10000
+    torchrun --standalone --nproc_per_node=8 eval_fid.py --mode=rfid --ckpt=fqgan_dual16.pt --data=/data/imagenet/val
+    torchrun --standalone --nproc_per_node=8 eval_fid.py --mode=gfid --ckpt=far.pt \\
+        --ref=VIRTUAL_imagenet256_labeled.npz --num_samples=50000 --cfg_scale=2.0 --save_npz=samples.npz
+    python eval_fid.py --mode=gfid --samples=samples.npz --ref=VIRTUAL_imagenet256_labeled.npz  # score an npz
+
+- rfid: reconstructions of --data (fashion-mnist test split, synthetic, or an ImageFolder with the ADM centre crop,
+  e.g. ImageNet val) against those same images (paper protocol; not the VIRTUAL batch, LlamaGen #34), PSNR (data
+  range 1), SSIM (data range 1; LlamaGen/FQGAN pass 2, which inflates it), usage and perplexity per sub-codebook.
+- gfid: --num_samples images of the FAR checkpoint, labels uniformly random (--labels=balanced: i mod classes),
+  image i with label labels[i] and sampling seed --seed + i, so the samples do not depend on the number of GPUs or
+  the batch size; FID / IS / precision / recall against --ref: our stats npz (--mode=stats) or an ADM reference batch
+  (its mu/sigma for FID, its 10k images for precision/recall, as the ADM evaluator).
+- stats: mu, sigma and a feature subset of a dataset, folder or ADM npz, cached for --ref.
+- --save_npz writes the samples / reconstructions / images as ADM npz and --samples scores an existing one, so the same
+  images can also go through the ADM TensorFlow evaluator. Its numbers and ours are close but NOT identical: we use
+  the pytorch-fid port of the TF Inception weights (pt_inception-2015-12-05), torch bilinear resize to 299 and 2x-1
+  (as pytorch-fid 0.3.0), and for an ADM --ref its TF-made mu/sigma. State which evaluator a number comes from.
+- Multi-GPU: torchrun shards images i = rank mod world, gathers features to rank 0 (gloo, on the CPU), which computes
+  the metrics and writes the JSON (atomically); one process on the CPU works too. --inception=random (random
+  weights, no file) is for smoke tests only and is flagged loudly in the log and the JSON.
+- FID weights: --inception=PATH or <torch hub dir>/checkpoints/pt_inception-2015-12-05-6726825d.pth; fetched from the
+  pytorch-fid GitHub release only with --download=true.
+Metrics: Frechet distance and IS follow pytorch-fid / torch-fidelity (unbiased 1008-way logits); precision/recall
+follow Kynkaanniemi et al. 2019 (k=3) on Inception pool features, as the ADM evaluator does.
 Shapes: N images, H W C pixels (NHWC uint8 in npz files, NCHW float [0,1] in torch), D=2048 pool features,
 K sub-codebooks, V entries per codebook.
 """
+import json
 import os
+import time
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import scipy.linalg
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.special import softmax, xlogy
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from common import (FashionMNIST, Logger, autocast, cleanup_distributed, init_distributed, make_dataset, parse_config,
+                    to_uint8)
+from fqgan import FQGAN
+from sample import generate_images, load_generator
 
 FID_WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 FID_WEIGHTS_URL = f'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_NAME}'
@@ -144,11 +177,19 @@ class FIDInceptionV3(nn.Module):
         return pool, pool @ self.fc.weight.T  # logits without the bias, as TF's softmax/logits/MatMul
 
 
-def fid_inception(path=None, random_init=False, download=True):
+def fid_inception(path=None, random_init=False, download=False):
     """The FID Inception in eval mode, frozen. Weights: `path`, else the torch hub cache
-    <torch.hub.get_dir()>/checkpoints/pt_inception-2015-12-05-6726825d.pth, downloaded from FID_WEIGHTS_URL
-    (the pytorch-fid GitHub release) if absent and download=True. random_init=True skips loading (smoke tests)."""
-    model = FIDInceptionV3().eval().requires_grad_(False)
+    <torch.hub.get_dir()>/checkpoints/pt_inception-2015-12-05-6726825d.pth; fetched from FID_WEIGHTS_URL (the
+    pytorch-fid GitHub release) only if absent and download=True. random_init=True: no file, He-initialised weights
+    from the fixed seed 0 (the same network in every process and run; feature scale ~1): smoke tests only."""
+    with torch.random.fork_rng(devices=[]):  # fixed weights without touching the caller's RNG
+        torch.manual_seed(0)
+        model = FIDInceptionV3().eval().requires_grad_(False)
+        if random_init:  # PyTorch's default conv init shrinks activations ~1e-8 after 90 layers; He init keeps ~1
+            for m in model.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity='relu')
+            nn.init.normal_(model.fc.weight, std=2048 ** -0.5)
     if random_init:
         return model
     path = path or os.path.join(torch.hub.get_dir(), 'checkpoints', FID_WEIGHTS_NAME)
@@ -161,8 +202,8 @@ def fid_inception(path=None, random_init=False, download=True):
             except Exception as e:  # offline, proxy, disk: one actionable line, not a traceback through urllib
                 why = f'download failed: {type(e).__name__}'
         if not os.path.exists(path):
-            raise FileNotFoundError(f'FID Inception weights not found at {path} ({why}): '
-                                    f'fetch {FID_WEIGHTS_URL} and put it there')
+            raise FileNotFoundError(f'FID Inception weights not found at {path} ({why}): fetch {FID_WEIGHTS_URL} and '
+                                    f'put it there (or pass --inception=PATH), or run with --download=true')
     sd = torch.load(path, map_location='cpu', weights_only=True)
     # num_batches_tracked never affects eval; accept files with or without it, everything else strictly
     own = {k: v for k, v in model.state_dict().items() if k.endswith('num_batches_tracked')}
@@ -212,6 +253,23 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
             raise ValueError(f'sqrtm(S1 S2) has imaginary component {np.abs(covmean.imag).max():.3g}')
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def fid_from_features(feats, mu2, sigma2):
+    """FID of features (N, D) against (mu2, sigma2). With N <= D, S1 = Xc^T Xc / (N-1) (Xc centred) has rank < N and
+    S1 S2 has the same non-zero eigenvalues as the symmetric PSD Xc S2 Xc^T / (N-1): tr sqrt(S1 S2) is then the sum of
+    the square roots of N eigenvalues, exact and fast, where a D x D sqrtm is slow and needs the eps fallback.
+    Such small-N FIDs are biased upwards; report only N >= 10k. With N > D: frechet_distance (pytorch-fid)."""
+    feats = np.asarray(feats, dtype=np.float64)
+    mu1, sigma1 = feature_stats(feats)
+    n = len(feats)
+    if n > feats.shape[1]:
+        return frechet_distance(mu1, sigma1, mu2, sigma2)
+    xc = feats - mu1  # (N, D)
+    m = xc @ np.asarray(sigma2, np.float64) @ xc.T / (n - 1)  # (N, N)
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = mu1 - np.asarray(mu2, np.float64)
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 def inception_score(x, splits=10, is_probs=False):
@@ -302,16 +360,19 @@ def _savez_atomic(path, **arrays):
     os.replace(tmp, path)  # readers never see a half-written file
 
 
-def save_npz(path, images):
-    """Write uint8 images (N, H, W, 3) as an ADM sample batch (key arr_0), atomically."""
+def save_npz(path, images, labels=None):
+    """Write uint8 images (N, H, W, 3) as an ADM sample batch (key arr_0; class labels as arr_1, as ADM's class-
+    conditional samplers do), atomically."""
     images = np.asarray(images)
     assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3, 'need uint8 (N, H, W, 3)'
-    _savez_atomic(path, arr_0=images)
+    _savez_atomic(path, arr_0=images, **({} if labels is None else {'arr_1': np.asarray(labels, np.int64)}))
 
 
-def save_ref_stats(path, mu, sigma, features=None):
-    """Cache reference statistics (mu, sigma, and optionally pool features for precision/recall), atomically."""
-    _savez_atomic(path, mu=mu, sigma=sigma, **({} if features is None else {'features': features}))
+def save_ref_stats(path, mu, sigma, features=None, inception=None):
+    """Cache reference statistics (mu, sigma, optionally pool features for precision/recall and the name of the
+    Inception weights that made them), atomically."""
+    extra = {} if features is None else {'features': features}
+    _savez_atomic(path, mu=mu, sigma=sigma, **extra, **({} if inception is None else {'inception': str(inception)}))
 
 
 def _open_npz(path):
@@ -349,9 +410,291 @@ def load_ref_stats(path):
         out['features'] = z['features']
     if 'arr_0' in z:
         out['images'] = z['arr_0']
+    if 'inception' in z:  # ours: which FID weights made them ('random' for smoke tests)
+        out['inception'] = str(z['inception'])
     return out
 
-# ---- CLI (modes added later)
+# ---- command line: --mode=rfid | gfid | stats, one process or torchrun
+
+
+@dataclass
+class EvalConfig:
+    mode: str = 'rfid'              # rfid (tokenizer reconstructions) | gfid (FAR samples) | stats (reference stats)
+    ckpt: str = ''                  # rfid: tokenizer checkpoint (ours / official FQGAN, LlamaGen); gfid: FAR checkpoint
+    tokenizer: str = ''             # gfid: tokenizer checkpoint; '' = the path recorded in the FAR checkpoint
+    data: str = 'fashion-mnist'     # rfid / stats: 'fashion-mnist' | 'synthetic' | ImageFolder PATH | (stats) ADM npz
+    split: str = 'test'             # fashion-mnist / synthetic split: test | train (never augmented)
+    image_size: int = 0             # stats from a dataset: image side (required); rfid uses the tokenizer's
+    max_images: int = 0             # rfid / stats: only the first N images of --data (0 = all)
+    ref: str = ''                   # reference stats npz: ours (--mode=stats) or an ADM batch (mu, sigma[, arr_0])
+    samples: str = ''               # rfid / gfid: score this ADM npz (arr_0) instead of reconstructing / generating
+    save_npz: str = ''              # rfid: reconstructions, gfid: samples (+ labels), stats: the images, as ADM npz
+    out: str = ''                   # rfid / gfid: results JSON ('' = <ckpt or samples>.<mode>.json); stats: the npz
+    num_samples: int = 50000        # gfid: images to generate (labels uniformly random, as FQGAN)
+    labels: str = 'random'          # gfid: 'random' (uniform, seeded by --seed) | 'balanced' (label = i mod classes)
+    cfg_scale: float = 2.0          # gfid: classifier-free guidance scale (paper: 2.0)
+    cfg_schedule: str = 'constant'  # gfid: 'constant' | 'linear' (1 -> cfg_scale over the positions)
+    temperature: float = 1.0        # gfid: sampling temperature
+    top_k: int = 0                  # gfid: top-k filter (0 = off)
+    top_p: float = 1.0              # gfid: nucleus filter (1 = off)
+    seed: int = 0                   # gfid: image i uses seed + i; labels and the stats feature subset use seed
+    batch_size: int = 32            # images per process per batch (generation, tokenizer and Inception)
+    num_workers: int = 0            # DataLoader workers per process (8 for ImageFolder JPEGs)
+    inception: str = ''             # FID weights file; '' = torch hub cache; 'random' = random weights (smoke tests)
+    download: bool = False          # fetch the FID weights into the torch hub cache when missing
+    ref_features: int = 10000       # stats: features kept for precision/recall, a seeded random subset (0 = all)
+    is_splits: int = 10             # IS splits (ADM: 10 of 5000 at 50k)
+    device: str = 'auto'            # 'auto' (cuda if available) | 'cpu' | 'cuda'
+
+    def __post_init__(self):  # a bad value stops with a one-line message
+        for name, allowed in (('mode', ('rfid', 'gfid', 'stats')), ('split', ('test', 'train')),
+                              ('labels', ('random', 'balanced')), ('cfg_schedule', ('constant', 'linear'))):
+            if getattr(self, name) not in allowed:
+                raise SystemExit(f'--{name}={getattr(self, name)}: choose one of {", ".join(allowed)}')
+        if min(self.batch_size, self.num_samples, self.is_splits) < 1:
+            raise SystemExit('--batch_size, --num_samples and --is_splits must be >= 1')
+
+
+RANDOM_WARNING = ('WARNING: --inception=random: the FID network has RANDOM weights, so every number here is '
+                  'meaningless (smoke tests only)')
+TF_NOTE = ('PyTorch FID Inception (pytorch-fid port of the TF weights): close to, not identical with, the ADM '
+           'TensorFlow evaluator used by the paper')
+
+
+def eval_dataset(cfg, image_size):
+    """--data at image_size without augmentation: --split picks the Fashion-MNIST / synthetic split; a folder gets the
+    ADM centre crop."""
+    if cfg.data == 'fashion-mnist':
+        return FashionMNIST(image_size, train=cfg.split == 'train', flip=False)
+    return make_dataset(cfg.data, image_size, train=cfg.split == 'train' and cfg.data == 'synthetic')
+
+
+def gather(d, idx, arrays):
+    """Per-rank arrays (rows = images idx) -> on rank 0 the arrays of all ranks in global index order; else None.
+    Gathered through a gloo group on the CPU, so NCCL runs never stage images through the GPU."""
+    parts = [(np.asarray(idx, dtype=np.int64), arrays)]
+    if d.world_size > 1:
+        parts = [None] * d.world_size if d.master else None
+        dist.gather_object((np.asarray(idx, dtype=np.int64), arrays), parts, dst=0, group=d.cpu_group)
+    if not d.master:
+        return None
+    parts = [p for p in parts if len(p[0])]  # a rank with no images sent no arrays
+    order = np.argsort(np.concatenate([i for i, _ in parts]), kind='stable')
+    return {k: np.concatenate([a[k] for _, a in parts])[order] for k in parts[0][1]}
+
+
+def per_rank(cfg, d, n, step, desc, data=None):
+    """Rank-interleaved loop: this rank takes images i = rank, rank + world, ... < n in batches, so every image is
+    processed the same way whatever the number of processes. step(indices, x) -> dict of per-image numpy arrays,
+    x the batch of `data` (a Dataset: (B, 3, H, W) in [-1, 1] on the device) or None. -> gathered dict on rank 0."""
+    idx = list(range(d.rank, n, d.world_size))
+    chunks = [idx[j:j + cfg.batch_size] for j in range(0, len(idx), cfg.batch_size)]
+    batches = [None] * len(chunks) if data is None else DataLoader(
+        Subset(data, idx), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    out = {}
+    with tqdm(total=n, desc=desc, unit='img', disable=not d.master, dynamic_ncols=True) as bar:  # rate and ETA
+        for chunk, batch in zip(chunks, batches):
+            for k, v in step(chunk, None if batch is None else batch[0].to(d.device)).items():
+                out.setdefault(k, []).append(v)
+            bar.update(min(len(chunk) * d.world_size, n - bar.n))
+    return gather(d, idx, {k: np.concatenate(v) for k, v in out.items()})
+
+
+def features(cfg, inception, images):
+    """uint8 images (B, H, W, 3) -> {'pool': (B, 2048), 'logits': (B, 1008)}."""
+    pool, logits = images_to_features(inception, images, cfg.batch_size)
+    return {'pool': pool, 'logits': logits}
+
+
+def rfid(cfg, d, inception, ref, log):
+    """Reconstruct --data with the tokenizer (or read --samples: reconstructions of the first images of --data, in
+    order) and compare with the originals: rFID (reference = the originals, or --ref), PSNR / SSIM (data range 1),
+    and per-sub-codebook usage / perplexity."""
+    if not (cfg.ckpt or cfg.samples):
+        raise SystemExit('--mode=rfid needs --ckpt=TOKENIZER or --samples=RECONSTRUCTIONS.npz')
+    recon = load_npz_images(cfg.samples) if cfg.samples else None
+    tok = FQGAN.from_checkpoint(cfg.ckpt, d.device) if recon is None else None
+    ds = eval_dataset(cfg, recon.shape[1] if recon is not None else tok.cfg.image_size)
+    n = min(len(ds), cfg.max_images or len(ds), len(recon) if recon is not None else len(ds))
+    K, V = (tok.cfg.n_codebooks, tok.cfg.codebook_size) if recon is None else (0, 0)
+    counts = torch.zeros(K, V, dtype=torch.long)  # (K, V) code histogram of this rank's images
+    log(f'rfid: {n} images of {cfg.data} ({cfg.split}), ' + (f'reconstructions from {cfg.samples}' if recon is not None
+        else f'tokenizer {cfg.ckpt} (K={K}, V={V})') + f', reference {cfg.ref or "the originals"}')
+
+    def step(chunk, x):
+        if recon is None:
+            with autocast(d.device_type):
+                rec, aux = tok(x)  # (B, 3, H, W), aux['indices'] (B, K, h, w)
+            counts.add_(index_histogram(aux['indices'].permute(0, 2, 3, 1).cpu(), V))
+            rec = to_uint8(rec)  # (B, H, W, 3), the official rounding
+        else:
+            rec = recon[chunk]
+        a = ((x.double() + 1) / 2).clamp(0, 1)  # originals in [0, 1]
+        b = torch.from_numpy(rec).to(d.device).permute(0, 3, 1, 2).double() / 255  # (B, 3, H, W) as saved
+        out = {'psnr': psnr(a, b).cpu().numpy(), 'ssim': ssim(a, b).cpu().numpy(), **features(cfg, inception, rec)}
+        if ref is None:
+            out['ref_pool'] = features(cfg, inception, to_uint8(x))['pool']
+        return {**out, **({'images': rec} if cfg.save_npz else {})}
+
+    g = per_rank(cfg, d, n, step, 'rfid', data=ds)
+    if d.world_size > 1:
+        dist.all_reduce(counts, group=d.cpu_group)
+    if not d.master:
+        return None
+    mu, sigma = (ref['mu'], ref['sigma']) if ref else feature_stats(g['ref_pool'])
+    res = {'rfid': fid_from_features(g['pool'], mu, sigma), 'psnr': float(g['psnr'].mean()),
+           'ssim': float(g['ssim'].mean())}
+    if K:
+        usage, ppl = codebook_stats(counts.numpy())
+        res.update(usage=usage.tolist(), perplexity=ppl.tolist(), codebook_size=V)
+    if cfg.save_npz:
+        save_npz(cfg.save_npz, g['images'])
+    return {**res, 'num_images': n}
+
+
+def gfid(cfg, d, inception, ref, log):
+    """Generate num_samples images with the FAR checkpoint (or read --samples) and score them against --ref: FID, IS,
+    precision / recall. Image i: label labels[i], sampling seed seed + i, whatever the world size or batch size."""
+    if cfg.samples:
+        samples = load_npz_images(cfg.samples)
+        n, labels = min(cfg.num_samples, len(samples)), None
+        log(f'gfid: {n} samples from {cfg.samples}')
+    elif cfg.ckpt:
+        far, tok = load_generator(cfg.ckpt, d.device, tokenizer=cfg.tokenizer or None)
+        n, classes = cfg.num_samples, far.cfg.num_classes
+        labels = (torch.arange(n) % classes if cfg.labels == 'balanced' else
+                  torch.randint(classes, (n,), generator=torch.Generator().manual_seed(cfg.seed))).numpy()
+        log(f'gfid: {n} samples of {cfg.ckpt} | labels {cfg.labels} over {classes} classes | cfg {cfg.cfg_scale} '
+            f'({cfg.cfg_schedule}) | temperature {cfg.temperature} top_k {cfg.top_k} top_p {cfg.top_p} '
+            f'| seed {cfg.seed}')
+    else:
+        raise SystemExit('--mode=gfid needs --ckpt=FAR_CHECKPOINT or --samples=SAMPLES.npz')
+    if ref is None:
+        log('note: no --ref: only IS is computed (FID and precision/recall need reference statistics)')
+
+    def step(chunk, _):
+        if labels is None:
+            images = samples[chunk]
+        else:
+            images = generate_images(far, tok, labels[chunk], [cfg.seed + i for i in chunk], cfg.cfg_scale,
+                                     cfg.cfg_schedule, cfg.temperature, cfg.top_k, cfg.top_p)  # (B, H, W, 3) uint8
+        return {**features(cfg, inception, images), **({'images': images} if cfg.save_npz else {})}
+
+    g = per_rank(cfg, d, n, step, 'gfid')
+    real = None
+    if ref is not None:  # precision/recall: our cached features, else the images of an ADM reference batch
+        real = ref.get('features')
+        if real is None and 'images' in ref:
+            r = per_rank(cfg, d, len(ref['images']), lambda c, _: features(cfg, inception, ref['images'][c]), 'ref')
+            real = r['pool'] if r else None
+    if not d.master:
+        return None
+    res = dict(zip(('is', 'is_std'), inception_score(g['logits'], splits=min(cfg.is_splits, n))))
+    if ref is not None:
+        res['fid'] = fid_from_features(g['pool'], ref['mu'], ref['sigma'])
+        if real is not None:
+            res['precision'], res['recall'] = precision_recall(real, g['pool'], device=d.device)
+        else:
+            log(f'note: {cfg.ref} holds no features or images: precision/recall skipped')
+    if cfg.save_npz:
+        save_npz(cfg.save_npz, g['images'], labels[:n] if labels is not None else None)
+    return {**res, 'num_images': n}
+
+
+def stats(cfg, d, inception, ref, log):
+    """Reference statistics of --data (a dataset, an ImageFolder or an ADM npz): mu, sigma and a subset of the pool
+    features (for precision/recall), cached in --out."""
+    if not cfg.out:
+        raise SystemExit('--mode=stats needs --out=PATH.npz (where to write the statistics)')
+    if cfg.data.endswith('.npz'):
+        images, ds = load_npz_images(cfg.data), None
+        n = min(len(images), cfg.max_images or len(images))
+        step = lambda chunk, _: {**features(cfg, inception, images[chunk]),  # noqa: E731
+                                 **({'images': images[chunk]} if cfg.save_npz else {})}
+    else:
+        if cfg.image_size < 1:
+            raise SystemExit('--mode=stats from a dataset needs --image_size (the side of the evaluated images)')
+        ds = eval_dataset(cfg, cfg.image_size)
+        n = min(len(ds), cfg.max_images or len(ds))
+
+        def step(chunk, x):
+            u8 = to_uint8(x)  # (B, H, W, 3): what a saved sample batch holds
+            return {**features(cfg, inception, u8), **({'images': u8} if cfg.save_npz else {})}
+    log(f'stats: {n} images of {cfg.data}' + (f' ({cfg.split}, {cfg.image_size} px)' if ds is not None else ''))
+    g = per_rank(cfg, d, n, step, 'stats', data=ds)
+    if not d.master:
+        return None
+    mu, sigma = feature_stats(g['pool'])
+    m = n if cfg.ref_features <= 0 else min(n, cfg.ref_features)
+    keep = np.sort(np.random.default_rng(cfg.seed).choice(n, m, replace=False))
+    save_ref_stats(cfg.out, mu, sigma, g['pool'][keep], inception=cfg.inception or FID_WEIGHTS_NAME)
+    if cfg.save_npz:
+        save_npz(cfg.save_npz, g['images'])
+    return {'num_images': n, 'features_kept': m, 'stats': cfg.out}
+
+
+def write_json(path, obj):
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)  # atomic: readers never see half a file
+
+
+@torch.no_grad()
+def evaluate(cfg, d):
+    log = Logger(None, d.master)
+    if d.device_type == 'cuda':  # FID features in true fp32 (pytorch-fid parity); the generator runs in bf16 anyway
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    d.cpu_group = dist.new_group(backend='gloo') if d.world_size > 1 and d.device_type == 'cuda' else None
+    log(f'eval_fid --mode={cfg.mode} | device {d.device} | world size {d.world_size} | torch {torch.__version__}')
+    log(f'config: {asdict(cfg)}')
+    warnings = []
+    if cfg.inception == 'random':
+        warnings.append(RANDOM_WARNING)
+        log(RANDOM_WARNING)
+    if d.world_size > 1 and not d.master:
+        dist.barrier()  # rank 0 fetches the weights first (when --download=true)
+    try:
+        inception = fid_inception(None if cfg.inception in ('', 'random') else cfg.inception,
+                                  random_init=cfg.inception == 'random', download=cfg.download).to(d.device)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    if d.world_size > 1 and d.master:
+        dist.barrier()
+    ref = load_ref_stats(cfg.ref) if cfg.ref and cfg.mode != 'stats' else None
+    if ref is not None:
+        made_by = ref.get('inception')  # our stats record their FID network; ADM's come from the TF graph
+        if made_by is not None and (made_by == 'random') != (cfg.inception == 'random'):
+            warnings.append(f'WARNING: {cfg.ref} was made with Inception {made_by!r}, this run uses '
+                            f'{cfg.inception or FID_WEIGHTS_NAME!r}: the numbers are not comparable')
+            log(warnings[-1])
+    t0 = time.time()
+    res = {'rfid': rfid, 'gfid': gfid, 'stats': stats}[cfg.mode](cfg, d, inception, ref, log)
+    if d.master:
+        res = {'mode': cfg.mode, **res, 'inception': 'random' if cfg.inception == 'random' else
+               (cfg.inception or FID_WEIGHTS_NAME), 'note': TF_NOTE, **({'warning': ' | '.join(warnings)} if
+               warnings else {}), 'world_size': d.world_size, 'seconds': round(time.time() - t0, 1),
+               'config': asdict(cfg)}
+        if cfg.mode != 'stats':
+            res['json'] = cfg.out or f'{cfg.ckpt or cfg.samples}.{cfg.mode}.json'
+            write_json(res['json'], res)
+        log(' | '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in res.items()
+                       if k not in ('config', 'note', 'warning')))
+        if warnings:
+            log('\n'.join(warnings))
+    if d.world_size > 1:
+        dist.barrier()  # rank 0 has written its files
+    return res
+
+
+def main(cfg):
+    """Run one evaluation; returns the results dict on rank 0 (None on the other ranks)."""
+    d = init_distributed(cfg.device)
+    try:
+        return evaluate(cfg, d)
+    finally:
+        cleanup_distributed()
+
 
 if __name__ == '__main__':
-    raise SystemExit('not implemented yet')
+    main(parse_config(EvalConfig))

@@ -1,11 +1,33 @@
 """CPU tests of eval_fid.py: FID Inception parity with pytorch-fid (golden fixture, recipe weights loaded through the
-user's loader), Frechet distance, IS, precision/recall, PSNR/SSIM, codebook stats and the ADM npz helpers."""
+user's loader), Frechet distance, IS, precision/recall, PSNR/SSIM, codebook stats, the ADM npz helpers, and the
+command line (rfid / gfid / stats smoke runs on tiny checkpoints with the random-weight Inception, batch-size
+invariance of the samples, FID of a set against its own stats, a 2-process gloo run equal to 1 process)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+import common
 import eval_fid as ef
+import far
+import fqgan
 from conftest import load_fixture, recipe_state_dict
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Two oversubscribed threads on a shared 2-core machine run the Inception several times slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope='module')
@@ -74,16 +96,22 @@ def test_loader_strict_and_num_batches_tracked(fixture_weights, tmp_path):
 
 def test_missing_weights_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
+    calls = []
 
     def offline(url, dst, *a, **k):
+        calls.append(url)
         raise OSError('network unreachable')
     monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
     with pytest.raises(FileNotFoundError) as e:
-        ef.fid_inception()
+        ef.fid_inception()  # default: never fetches
     msg = str(e.value)
+    assert calls == [] and 'download=False' in msg and '--download=true' in msg
     assert '\n' not in msg and ef.FID_WEIGHTS_NAME in msg and str(tmp_path) in msg and ef.FID_WEIGHTS_URL in msg
+    with pytest.raises(FileNotFoundError, match='download failed: OSError'):
+        ef.fid_inception(download=True)
+    assert calls == [ef.FID_WEIGHTS_URL]
     with pytest.raises(FileNotFoundError, match='download=False'):
-        ef.fid_inception(path=str(tmp_path / 'nowhere.pth'), download=False)
+        ef.fid_inception(path=str(tmp_path / 'nowhere.pth'))
 
 
 def test_images_to_features_random_init():
@@ -95,6 +123,9 @@ def test_images_to_features_random_init():
     with torch.no_grad():
         ref, _ = model(torch.from_numpy(images[2:]).permute(0, 3, 1, 2).float() / 255)
     np.testing.assert_allclose(pool[2:], ref.numpy(), atol=1e-5)
+    again = ef.fid_inception(random_init=True)  # fixed seed: the same network in every process and run
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert pool.std() > 0.01  # He init: features are not vanishingly small
 
 
 # ---- Frechet distance
@@ -118,6 +149,16 @@ def test_frechet_properties():
     fds = [ef.frechet_distance(mu, sigma, *ef.feature_stats(x + s)) for s in (0.1, 0.5, 1.0)]
     assert fds == sorted(fds) and fds[0] > 0
     np.testing.assert_allclose(fds, [8 * s ** 2 for s in (0.1, 0.5, 1.0)], rtol=1e-6)  # pure shift: ||d||^2
+
+
+def test_fid_from_features():
+    rng = np.random.default_rng(0)
+    for n, dim in [(20, 64), (10, 64), (80, 16)]:  # N <= D: the exact N x N path; N > D: frechet_distance
+        x, y = rng.standard_normal((n, dim)), 1.3 * rng.standard_normal((30, dim)) + 0.2
+        mu, sigma = ef.feature_stats(y)
+        want = ef.frechet_distance(*ef.feature_stats(x), mu, sigma)
+        assert ef.fid_from_features(x, mu, sigma) == pytest.approx(want, rel=1e-6)
+        assert abs(ef.fid_from_features(x, *ef.feature_stats(x))) < 1e-5
 
 
 # ---- Inception score, precision / recall
@@ -197,6 +238,9 @@ def test_npz_round_trip_and_errors(tmp_path):
     np.testing.assert_array_equal(ef.load_npz_images(str(path)), images)
     with np.load(path) as z:
         assert z.files == ['arr_0']
+    ef.save_npz(str(path), images, labels=[3, 1, 4, 1, 5])  # class-conditional samples: labels as arr_1 (ADM)
+    with np.load(path) as z:
+        assert z.files == ['arr_0', 'arr_1'] and z['arr_1'].tolist() == [3, 1, 4, 1, 5]
     np.savez(tmp_path / 'bad.npz', arr_0=images.astype(np.float32))
     np.savez(tmp_path / 'nokey.npz', images=images)
     (tmp_path / 'text.npz').write_text('hello')
@@ -220,6 +264,126 @@ def test_load_ref_stats(tmp_path):
     adm = ef.load_ref_stats(str(tmp_path / 'adm.npz'))
     assert set(adm) == {'mu', 'sigma', 'images'} and adm['mu'].dtype == np.float64
     np.testing.assert_array_equal(adm['images'], images)
+    ef.save_ref_stats(str(tmp_path / 'tagged.npz'), mu, sigma, inception='random')
+    assert ef.load_ref_stats(str(tmp_path / 'tagged.npz'))['inception'] == 'random'
     ef.save_npz(str(tmp_path / 'imgs.npz'), images)  # images only: no stats to read
     with pytest.raises(ValueError, match='mu and sigma'):
         ef.load_ref_stats(str(tmp_path / 'imgs.npz'))
+
+
+# ---- command line: smoke runs on tiny checkpoints, random-weight Inception, 32 px synthetic images
+
+
+def run(*flags):
+    return ef.main(ef.parse_config(ef.EvalConfig, ['--device=cpu', '--inception=random', *map(str, flags)]))
+
+
+@pytest.fixture(scope='module')
+def ckpts(tmp_path_factory):
+    """Tiny tokenizer (K=2, V=512, 8x8 grid), a FAR that matches it, and reference stats of 4 synthetic images."""
+    root = tmp_path_factory.mktemp('ckpt')
+    torch.manual_seed(0)
+    tok = fqgan.FQGAN(fqgan.config_from_preset('tiny'))
+    common.save_checkpoint(fqgan.checkpoint_dict(tok), root / 'tok.pt')
+    gen = far.FAR(far.FARConfig(**far.PRESETS['tiny'], n_codebooks=2, codebook_size=512, block_size=64))
+    for out in gen.lm_head:  # zero-init outputs would sample uniformly; random ones make labels and seeds matter
+        torch.nn.init.normal_(out.weight, std=0.5)
+    common.save_checkpoint(far.checkpoint_dict(gen, tokenizer=str(root / 'tok.pt')), root / 'far.pt')
+    res = run('--mode=stats', '--data=synthetic', '--image_size=32', '--max_images=4', f'--out={root / "ref.npz"}',
+              f'--save_npz={root / "ref_images.npz"}')
+    assert res['num_images'] == 4 and res['features_kept'] == 4
+    return root
+
+
+RFID_FLAGS = ['--mode=rfid', '--data=synthetic', '--max_images=4', '--batch_size=1']  # batch 1: bitwise vs 2 procs
+
+
+@pytest.fixture(scope='module')
+def rfid_1proc(ckpts):
+    return run(*RFID_FLAGS, f'--ckpt={ckpts / "tok.pt"}', f'--save_npz={ckpts / "recon.npz"}')
+
+
+def test_rfid_smoke(ckpts, rfid_1proc):
+    res = rfid_1proc
+    saved = json.loads((ckpts / 'tok.pt.rfid.json').read_text())  # default: next to the checkpoint
+    assert saved['rfid'] == res['rfid'] and saved['num_images'] == 4 and saved['world_size'] == 1
+    assert 'RANDOM' in saved['warning'] and saved['inception'] == 'random' and 'TensorFlow' in saved['note']
+    assert np.isfinite(res['rfid']) and res['rfid'] > 0 and 0 < res['psnr'] < 60 and -1 < res['ssim'] < 1
+    assert len(res['usage']) == len(res['perplexity']) == 2 and res['codebook_size'] == 512
+    assert all(0 < u <= 1 for u in res['usage']) and all(1 <= p <= 512 for p in res['perplexity'])
+    recon = ef.load_npz_images(str(ckpts / 'recon.npz'))
+    assert recon.shape == (4, 32, 32, 3)
+    # PSNR / SSIM by hand: originals are the synthetic test split, reconstructions as saved (uint8)
+    x = (common.make_dataset('synthetic', 32, train=False).images[:4].double() + 1) / 2
+    y = torch.from_numpy(recon).permute(0, 3, 1, 2).double() / 255
+    assert res['psnr'] == pytest.approx(ef.psnr(x, y).mean().item(), rel=1e-9)
+    assert res['ssim'] == pytest.approx(ef.ssim(x, y).mean().item(), rel=1e-9)
+    # the same reconstructions scored from the npz, against the cached stats of the originals
+    again = run(*RFID_FLAGS, f'--samples={ckpts / "recon.npz"}', f'--ref={ckpts / "ref.npz"}',
+                f'--out={ckpts / "again.json"}')
+    assert again['rfid'] == pytest.approx(res['rfid'], rel=1e-4)
+    assert again['psnr'] == pytest.approx(res['psnr'], rel=1e-12) and 'usage' not in again
+    assert again['ssim'] == pytest.approx(res['ssim'], rel=1e-12)
+
+
+def test_rfid_two_processes_match_one(ckpts, rfid_1proc):
+    out = ckpts / 'rfid2.json'
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR')}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'eval_fid.py',
+           *RFID_FLAGS, f'--ckpt={ckpts / "tok.pt"}', '--device=cpu', '--inception=random', f'--out={out}']
+    p = subprocess.run(cmd, cwd=HERE, env={**env, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    two = json.loads(out.read_text())
+    assert two['world_size'] == 2
+    for key in ('rfid', 'psnr', 'ssim', 'usage', 'perplexity', 'num_images'):
+        assert two[key] == pytest.approx(rfid_1proc[key], rel=1e-9, abs=1e-12), key
+
+
+def test_gfid_smoke_and_batch_invariance(ckpts):
+    flags = ['--mode=gfid', f'--ckpt={ckpts / "far.pt"}', f'--ref={ckpts / "ref.npz"}', '--num_samples=5',
+             '--seed=7']
+    a = run(*flags, '--batch_size=2', f'--save_npz={ckpts / "g2.npz"}')
+    b = run(*flags, '--batch_size=3', f'--save_npz={ckpts / "g3.npz"}', f'--out={ckpts / "g3.json"}')
+    for res in (a, b):
+        assert {'fid', 'is', 'is_std', 'precision', 'recall', 'warning'} <= set(res) and res['num_images'] == 5
+        assert np.isfinite(res['fid']) and res['is'] >= 1 and 0 <= res['precision'] <= 1 and 0 <= res['recall'] <= 1
+    assert json.loads((ckpts / 'far.pt.gfid.json').read_text())['fid'] == a['fid']
+    with np.load(ckpts / 'g2.npz') as z2, np.load(ckpts / 'g3.npz') as z3:
+        assert z2['arr_0'].shape == (5, 32, 32, 3) and z2['arr_0'].dtype == np.uint8
+        np.testing.assert_array_equal(z2['arr_0'], z3['arr_0'])  # image i: label i and seed 7 + i, any batch size
+        np.testing.assert_array_equal(z2['arr_1'], z3['arr_1'])
+        labels = torch.randint(1000, (5,), generator=torch.Generator().manual_seed(7)).numpy()
+        np.testing.assert_array_equal(z2['arr_1'], labels)
+        assert len({im.tobytes() for im in z2['arr_0']}) == 5
+    assert b['fid'] == pytest.approx(a['fid'], rel=1e-4)
+
+
+def test_fid_against_own_stats(ckpts, fixture_weights):
+    # stats made from an ADM npz of the same images a dataset run cached: the same mu; scoring that npz gives FID 0
+    res = run('--mode=stats', f'--data={ckpts / "ref_images.npz"}', f'--out={ckpts / "ref2.npz"}', '--batch_size=3')
+    assert res['num_images'] == 4
+    ref, ref2 = ef.load_ref_stats(str(ckpts / 'ref.npz')), ef.load_ref_stats(str(ckpts / 'ref2.npz'))
+    assert ref2['inception'] == 'random' and ref2['features'].shape == (4, 2048)
+    np.testing.assert_allclose(ref2['mu'], ref['mu'], rtol=1e-4, atol=1e-6)
+    res = run('--mode=gfid', f'--samples={ckpts / "ref_images.npz"}', f'--ref={ckpts / "ref.npz"}',
+              f'--out={ckpts / "self.json"}')
+    assert abs(res['fid']) < 1e-4 and res['precision'] == res['recall'] == 1.0
+    # a reference made with random weights, scored with real ones: flagged as not comparable
+    res = run('--mode=gfid', f'--samples={ckpts / "ref_images.npz"}', f'--ref={ckpts / "ref.npz"}',
+              f'--out={ckpts / "mixed.json"}', f'--inception={fixture_weights[0]}')
+    assert 'not comparable' in res['warning'] and 'RANDOM' not in res['warning']
+
+
+def test_cli_errors(ckpts, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match='--out'):
+        run('--mode=stats', '--data=synthetic', '--image_size=32')
+    with pytest.raises(SystemExit, match='image_size'):
+        run('--mode=stats', '--data=synthetic', f'--out={tmp_path / "s.npz"}')
+    with pytest.raises(SystemExit, match='--ckpt'):
+        run('--mode=gfid')
+    with pytest.raises(SystemExit, match='choose one of'):
+        run('--mode=fid')
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
+    with pytest.raises(SystemExit, match='--download=true'):  # no weights, no download: a one-line exit
+        ef.main(ef.parse_config(ef.EvalConfig, ['--device=cpu', f'--ckpt={ckpts / "tok.pt"}']))
