@@ -252,7 +252,9 @@ class Branch(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         width, grid = cfg.ch * cfg.ch_mult[-1], cfg.image_size // 2 ** (len(cfg.ch_mult) - 1)
-        self.adapter = Adapter(width, grid * grid, cfg.adapter_layers, cfg.adapter_heads) if cfg.adapter_layers else None
+        self.adapter = None
+        if cfg.adapter_layers:
+            self.adapter = Adapter(width, grid * grid, cfg.adapter_layers, cfg.adapter_heads)
         self.norm_out = Normalize(width)
         self.conv_out = nn.Conv2d(width, cfg.z_channels, 3, padding=1)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_dim, 1)
@@ -382,7 +384,8 @@ class FQGAN(nn.Module):
         aux["disentangle_loss"] = self.cfg.disentangle_weight * disentangle_loss(codes)
         aux["usage"] = torch.stack([q.usage() for q in self.quantizers])
         if with_losses:
-            aux["vq_total"] = (aux["vq_loss"] + aux["commit_loss"] + aux["entropy_loss"]).sum() + aux["disentangle_loss"]
+            vq = aux["vq_loss"] + aux["commit_loss"] + aux["entropy_loss"]  # (K,)
+            aux["vq_total"] = vq.sum() + aux["disentangle_loss"]
         return self.decode(aux["quant"]), aux
 
     @torch.no_grad()
@@ -428,9 +431,11 @@ class FQGAN(nn.Module):
 # ---- official checkpoints (FQGAN showlab/FQGAN, LlamaGen FoundationVision/LlamaGen)
 
 # official module suffix and adapter name per branch, by K
-OFFICIAL_BRANCHES = {1: [("", None)],
-                     2: [("_vis", "visual_head"), ("_sem", "semantic_head")],
-                     3: [("_vis", "visual_head"), ("_sem_mid", "semantic_head_mid"), ("_sem_high", "semantic_head_high")]}
+OFFICIAL_BRANCHES = {
+    1: [("", None)],
+    2: [("_vis", "visual_head"), ("_sem", "semantic_head")],
+    3: [("_vis", "visual_head"), ("_sem_mid", "semantic_head_mid"), ("_sem_high", "semantic_head_high")],
+}
 TRAINING_ONLY = "feat_pred"  # official semantic feature-prediction heads (e.g. mid_sem_feat_pred.*): skipped
 
 
