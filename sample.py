@@ -62,7 +62,8 @@ def load_generator(path, device="cpu", tokenizer=None):
 def generate_images(far, tok, labels, seeds, cfg_scale=2.0, cfg_schedule="constant", temperature=1.0, top_k=0,
                     top_p=1.0):
     """labels (B,) and one integer seed per image -> uint8 images (B, H, W, 3). Each image depends only on its own
-    (label, seed), never on the batch it was drawn in or on the number of GPUs."""
+    (label, seed), never on the batch it was drawn in or on the number of GPUs (up to float rounding: the decoder's
+    output can move a pixel by 1 with the batch size)."""
     device = next(far.parameters()).device
     gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
     with autocast(device.type):
