@@ -162,6 +162,45 @@ def load_checkpoint(path, kind):
     return ckpt
 
 
+def rng_states(d):
+    """Every rank's CPU (and CUDA) generator state, stacked (world, n) uint8, for a checkpoint; collective under DDP."""
+    mine = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if d.device_type == "cuda" else [])
+    every = [mine]
+    if d.world_size > 1:
+        every = [None] * d.world_size
+        dist.all_gather_object(every, mine)
+    return {"rng_cpu": torch.stack([s[0] for s in every]),
+            "rng_cuda": torch.stack([s[1] for s in every]) if d.device_type == "cuda" else None}
+
+
+def restore_rng(ckpt, d, seed, log):
+    """Put back this rank's generator states from rng_states(); a run resumed on another number of processes is
+    reseeded instead (it then no longer matches the uninterrupted run exactly, and says so)."""
+    if ckpt["rng_cpu"].shape[0] == d.world_size:
+        torch.set_rng_state(ckpt["rng_cpu"][d.rank])
+        if d.device_type == "cuda" and ckpt.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"][d.rank])
+    else:
+        log(f"note: checkpoint from {ckpt['rng_cpu'].shape[0]} processes, resumed on {d.world_size}: RNG reseeded")
+        torch.manual_seed(seed + d.rank + ckpt["step"])
+
+
+def savez_atomic(path, **arrays):
+    """np.savez through a temp file + rename: readers never see a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:  # a file object stops numpy from appending '.npz' to the temp name
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def save_npz(path, images, labels=None):
+    """Write uint8 images (N, H, W, 3) as an ADM sample batch (key arr_0; class labels as arr_1, as ADM's class-
+    conditional samplers do), atomically."""
+    images = np.asarray(images)
+    assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3, "need uint8 (N, H, W, 3)"
+    savez_atomic(path, arr_0=images, **({} if labels is None else {"arr_1": np.asarray(labels, np.int64)}))
+
+
 class Logger:
     """Rank-0 printing mirrored to out_dir/log.txt."""
 

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from common import (FashionMNIST, Logger, autocast, cleanup_distributed, init_distributed, make_dataset, parse_config,
-                    to_uint8)
+                    save_npz, savez_atomic, to_uint8)
 from fqgan import FQGAN
 from sample import generate_images, load_generator
 
@@ -353,26 +353,11 @@ def codebook_stats(counts):
 # ---- ADM npz files
 
 
-def _savez_atomic(path, **arrays):
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:  # a file object stops numpy from appending '.npz' to the temp name
-        np.savez(f, **arrays)
-    os.replace(tmp, path)  # readers never see a half-written file
-
-
-def save_npz(path, images, labels=None):
-    """Write uint8 images (N, H, W, 3) as an ADM sample batch (key arr_0; class labels as arr_1, as ADM's class-
-    conditional samplers do), atomically."""
-    images = np.asarray(images)
-    assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3, 'need uint8 (N, H, W, 3)'
-    _savez_atomic(path, arr_0=images, **({} if labels is None else {'arr_1': np.asarray(labels, np.int64)}))
-
-
 def save_ref_stats(path, mu, sigma, features=None, inception=None):
     """Cache reference statistics (mu, sigma, optionally pool features for precision/recall and the name of the
     Inception weights that made them), atomically."""
     extra = {} if features is None else {'features': features}
-    _savez_atomic(path, mu=mu, sigma=sigma, **extra, **({} if inception is None else {'inception': str(inception)}))
+    savez_atomic(path, mu=mu, sigma=sigma, **extra, **({} if inception is None else {'inception': str(inception)}))
 
 
 def _open_npz(path):

@@ -9,7 +9,6 @@ bf16 on CUDA). The tokenizer path is read from the FAR checkpoint; --tokenizer o
 Image j of the output is drawn with the seed (seed, j) only, so it does not depend on --batch_size or the device
 batch it was generated in (eval_fid.py imports load_generator and generate_images for bulk sampling).
 """
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 import torchvision
 from tqdm import tqdm
 
-from common import autocast, load_checkpoint, parse_config, to_uint8
+from common import autocast, load_checkpoint, parse_config, save_npz, to_uint8
 from far import FAR
 from fqgan import FQGAN
 
@@ -99,10 +98,7 @@ def main(cfg):
     torchvision.utils.save_image(grid, out, nrow=cfg.per_class)
     print(f"wrote {out}")
     if cfg.npz:
-        tmp = f"{cfg.npz}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:  # a file object keeps numpy from appending '.npz' to the temp name
-            np.savez(f, arr_0=images, arr_1=labels.numpy())
-        os.replace(tmp, cfg.npz)  # atomic: a reader never sees a half-written file
+        save_npz(cfg.npz, images, labels.numpy())  # atomic
         print(f"wrote {cfg.npz}: arr_0 {images.shape} uint8 (ADM format), arr_1 labels")
     return images, labels.numpy()
 

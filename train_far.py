@@ -45,7 +45,7 @@ import torchvision.transforms.functional as TF
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (FashionMNIST, ImageFolder, Logger, Synthetic, autocast, cleanup_distributed, get_lr,
-                    init_distributed, load_checkpoint, parse_config, save_checkpoint)
+                    init_distributed, load_checkpoint, parse_config, restore_rng, rng_states, save_checkpoint)
 from far import FAR, PRESETS, FARConfig, checkpoint_dict
 from fqgan import FQGAN
 from sample import generate_images
@@ -247,17 +247,6 @@ def evaluate(model, val_x, val_y, d, batch_size):
     return total[:K] / total[K].clamp_min(1)
 
 
-def rng_states(d):
-    """Every rank's CPU (and CUDA) generator state, stacked (world, n) uint8; collective under DDP."""
-    mine = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if d.device_type == "cuda" else [])
-    every = [mine]
-    if d.world_size > 1:
-        every = [None] * d.world_size
-        dist.all_gather_object(every, mine)
-    return {"rng_cpu": torch.stack([s[0] for s in every]),
-            "rng_cuda": torch.stack([s[1] for s in every]) if d.device_type == "cuda" else None}
-
-
 def main(cfg):
     """Extract (if needed) and train; returns {'step', 'val_ce' (K,), 'history', 'model' (raw FAR)}."""
     d = init_distributed(cfg.device)
@@ -318,13 +307,7 @@ def train(cfg, d):
         raw_model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
-        if ckpt["rng_cpu"].shape[0] == d.world_size:
-            torch.set_rng_state(ckpt["rng_cpu"][d.rank])
-            if d.device_type == "cuda" and ckpt.get("rng_cuda") is not None:
-                torch.cuda.set_rng_state(ckpt["rng_cuda"][d.rank])
-        else:
-            log(f"note: checkpoint from {ckpt['rng_cpu'].shape[0]} processes: dropout RNG reseeded")
-            torch.manual_seed(cfg.seed + d.rank + step)
+        restore_rng(ckpt, d, cfg.seed, log)
         log(f"resumed from {path} at step {step}")
         if step > cfg.max_steps:
             raise SystemExit(f"checkpoint is at step {step}, beyond --max_steps={cfg.max_steps}: raise max_steps")

@@ -40,7 +40,7 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (Logger, autocast, batches, cleanup_distributed, get_lr, init_distributed, load_checkpoint,
-                    make_dataset, parse_config, save_checkpoint)
+                    make_dataset, parse_config, restore_rng, rng_states, save_checkpoint)
 from fqgan import FQGAN, FQGANConfig, ResidualAttentionBlock, checkpoint_dict, config_from_preset, load_strict
 from pretrained import lpips_vgg, teacher
 
@@ -250,17 +250,6 @@ class LabelsFlagBad(torch.utils.data.Dataset):
         return x, (-1 - i) if i in getattr(self.ds, "bad", ()) else y
 
 
-def rng_states(d):
-    """Every rank's CPU (and CUDA) generator state, stacked (world, n) uint8; collective under DDP."""
-    mine = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if d.device_type == "cuda" else [])
-    every = [mine]
-    if d.world_size > 1:
-        every = [None] * d.world_size
-        dist.all_gather_object(every, mine)
-    return {"rng_cpu": torch.stack([s[0] for s in every]),
-            "rng_cuda": torch.stack([s[1] for s in every]) if d.device_type == "cuda" else None}
-
-
 @torch.no_grad()
 def update_ema(ema, model, decay):
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -381,13 +370,7 @@ def train(cfg, d):
         opt.load_state_dict(ckpt["opt"])
         opt_d.load_state_dict(ckpt["opt_disc"])
         step = ckpt["step"]
-        if ckpt["rng_cpu"].shape[0] == d.world_size:
-            torch.set_rng_state(ckpt["rng_cpu"][d.rank])
-            if d.device_type == "cuda" and ckpt.get("rng_cuda") is not None:
-                torch.cuda.set_rng_state(ckpt["rng_cuda"][d.rank])
-        else:
-            log(f"note: checkpoint from {ckpt['rng_cpu'].shape[0]} processes: RNG reseeded, data order changes")
-            torch.manual_seed(cfg.seed + d.rank + step)
+        restore_rng(ckpt, d, cfg.seed, log)
         log(f"resumed from {path} at step {step}")
         if step > cfg.max_steps:
             raise SystemExit(f"checkpoint is at step {step}, beyond --max_steps={cfg.max_steps}: raise max_steps")
