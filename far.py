@@ -280,10 +280,11 @@ class FAR(nn.Module):
     # ---- checkpoints and optimizer
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", prefer_ema=True):
+    def from_checkpoint(cls, path, device="cpu", prefer_ema=True, ckpt=None):
         """Load our own checkpoint {'kind': 'far', 'config': asdict(cfg), 'model': sd, optional 'ema': sd, ...}
-        (torch.load weights_only=True); prefers 'ema' when present. Returns the model in eval mode on device."""
-        ckpt = torch_load(path)
+        (torch.load weights_only=True; or `ckpt`, that file's dict already in memory); prefers 'ema' when present.
+        Returns the model in eval mode on device."""
+        ckpt = torch_load(path) if ckpt is None else ckpt
         kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
         if kind != "far":
             raise ValueError(f"{path} has kind={kind!r}, not 'far': pass a checkpoint written by train_far.py "

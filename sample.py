@@ -48,8 +48,8 @@ def load_generator(path, device="cpu", tokenizer=None):
     tok_path = tokenizer or ckpt.get("tokenizer")
     if not tok_path or not Path(tok_path).is_file():
         raise SystemExit(f"tokenizer checkpoint '{tok_path}' (recorded in {path}) not found: pass --tokenizer=PATH")
+    far, tok = FAR.from_checkpoint(path, device, ckpt=ckpt), FQGAN.from_checkpoint(tok_path, device)
     del ckpt
-    far, tok = FAR.from_checkpoint(path, device), FQGAN.from_checkpoint(tok_path, device)
     c, t = far.cfg, tok.cfg
     if (c.n_codebooks, c.codebook_size, c.block_size) != (t.n_codebooks, t.codebook_size, tok.grid ** 2):
         raise SystemExit(f"tokenizer {tok_path} (K={t.n_codebooks}, V={t.codebook_size}, T={tok.grid ** 2}) does not "
