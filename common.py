@@ -6,6 +6,7 @@ the image datasets (Fashion-MNIST, ImageFolder trees, synthetic). Nothing here r
 import gzip
 import hashlib
 import inspect
+import json
 import math
 import os
 import random
@@ -190,6 +191,14 @@ def savez_atomic(path, **arrays):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:  # a file object stops numpy from appending '.npz' to the temp name
         np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    """json.dump through a temp file + rename: readers never see a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
     os.replace(tmp, path)
 
 

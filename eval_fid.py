@@ -32,7 +32,6 @@ follow Kynkaanniemi et al. 2019 (k=3) on Inception pool features, as the ADM eva
 Shapes: N images, H W C pixels (NHWC uint8 in npz files, NCHW float [0,1] in torch), D=2048 pool features,
 K sub-codebooks, V entries per codebook.
 """
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -48,7 +47,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from common import (FashionMNIST, Logger, autocast, cleanup_distributed, init_distributed, make_dataset, parse_config,
-                    save_npz, savez_atomic, to_uint8)
+                    save_npz, savez_atomic, to_uint8, write_json)
 from fqgan import FQGAN
 from sample import generate_images, load_generator
 
@@ -616,13 +615,6 @@ def stats(cfg, d, inception, ref, log):
     if cfg.save_npz:
         save_npz(cfg.save_npz, g['images'])
     return {'num_images': n, 'features_kept': m, 'stats': cfg.out}
-
-
-def write_json(path, obj):
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)  # atomic: readers never see half a file
 
 
 @torch.no_grad()

@@ -45,7 +45,8 @@ import torchvision.transforms.functional as TF
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (FashionMNIST, ImageFolder, Logger, Synthetic, autocast, cleanup_distributed, get_lr,
-                    init_distributed, load_checkpoint, parse_config, restore_rng, rng_states, save_checkpoint)
+                    init_distributed, load_checkpoint, parse_config, restore_rng, rng_states, save_checkpoint,
+                    write_json)
 from far import FAR, PRESETS, FARConfig, checkpoint_dict
 from fqgan import FQGAN
 from sample import generate_images
@@ -133,12 +134,6 @@ def source(data, split, size):
     if data == "synthetic":
         return Synthetic(size, n=256 if split == "train" else 64, seed=0 if split == "train" else 1)
     return ImageFolder(data, size, train=False)  # ADM centre crop
-
-
-def write_json(path, obj):
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def extract(tok, meta, data, split, crops, cfg, d, log):
