@@ -1,5 +1,8 @@
-"""CPU tests of pretrained.py against the golden fixtures in ../shared/fixtures/pretrained (no downloads)."""
-import json
+"""CPU tests of pretrained.py: parity of CLIP / DINOv2 / LPIPS with the golden fixtures of fixtures/pretrained (recipe
+weights written to files and read back through the user-facing loaders), strict loading of the real checkpoint layouts
+on the meta device, one-line errors for missing weight files (never a download), the Teacher preprocessing, and the
+small Classifier networks trained here (forward, checkpoints, Teacher / FeatureNet wrappers). The FID Inception is
+tested in test_eval_fid.py."""
 import warnings
 from dataclasses import fields
 
@@ -10,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pretrained as P
-from conftest import SHARED, load_fixture, recipe_state_dict
+from common import save_checkpoint
+from conftest import load_fixture, recipe_state_dict
 
 T = torch.from_numpy
 
@@ -57,7 +61,7 @@ def test_clip_tiny_parity(tmp_path):
 
 
 def test_torchscript_archive_and_fp16(tmp_path):
-    """OpenAI ships CLIP as TorchScript with fp16 weights: both must read back as float32 tensors."""
+    """OpenAI ships CLIP as TorchScript with fp16 weights: both must read back, then load as float32 tensors."""
     class Holder(nn.Module):
         def forward(self, x):
             return x
@@ -70,9 +74,9 @@ def test_torchscript_archive_and_fp16(tmp_path):
         torch.jit.trace(root, torch.zeros(1)).save(str(tmp_path / "ts.pt"))
     sd = P.read_state_dict(tmp_path / "ts.pt")
     assert list(sd) == ["visual.proj"] and sd["visual.proj"].dtype == torch.float16
-    lin = nn.Linear(3, 4, bias=False)
-    P.load_state_dict_strict(lin, {"visual.weight": sd["visual.proj"]}, prefix="visual.")
+    lin = P.load_weights(nn.Linear(3, 4, bias=False), {"visual.weight": sd["visual.proj"]}, "ts.pt", prefix="visual.")
     assert lin.weight.dtype == torch.float32 and torch.equal(lin.weight, sd["visual.proj"].float())
+    assert not lin.weight.requires_grad and not lin.training
 
 
 def test_strict_loading_names_bad_keys():
@@ -82,9 +86,11 @@ def test_strict_loading_names_bad_keys():
     sd["visual.extra.weight"] = torch.zeros(3)
     sd["visual.proj"] = torch.zeros(64, 31)
     with pytest.raises(ValueError) as e:
-        P.load_state_dict_strict(P.CLIPVision(P.CLIPConfig(**P.CLIP_PRESETS["tiny"][0])), sd, prefix="visual.")
-    for key in ["under 'visual.'", "ln_post.bias", "extra.weight", "proj (64, 31) vs ours (64, 32)"]:
-        assert key in str(e.value)
+        P.load_weights(P.CLIPVision(P.CLIPConfig(**P.CLIP_PRESETS["tiny"][0])), sd, "clip_tiny.pt", prefix="visual.")
+    msg = str(e.value)
+    assert msg.startswith("clip_tiny.pt (keys under 'visual.'): ")
+    for key in ['"ln_post.bias"', '"extra.weight"', "size mismatch for proj", "[64, 31]", "[64, 32]"]:
+        assert key in msg, key
 
 
 # ---- DINOv2
@@ -96,12 +102,14 @@ def test_dinov2_parity(name, tmp_path):
     kw = meta["constructor_kwargs"]
     assert kw["ffn_layer"] == "mlp" and kw["block_chunks"] == 0  # the only layout we implement
     cfg = P.DINOv2Config(**{f.name: kw[f.name] for f in fields(P.DINOv2Config)})
-    torch.save(recipe_state_dict(meta), tmp_path / "dino.pth")  # plain state dict, as the facebookresearch files
+    path = tmp_path / "dino.pth"
+    torch.save(recipe_state_dict(meta), path)  # plain state dict, as the facebookresearch files
     if name == "dinov2_tiny":  # through the user-facing builder
         assert cfg == P.DINOv2Config(**P.DINOV2_PRESETS["tiny"])
-        model = P.dinov2("tiny", path=tmp_path / "dino.pth")
+        model = P.dinov2("tiny", path=path)
     else:
-        model = P.frozen(P.load_state_dict_strict(P.DINOv2(cfg), P.read_state_dict(tmp_path / "dino.pth")))
+        model = P.load_weights(P.DINOv2(cfg), P.read_state_dict(path), str(path))
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
     tol = meta["recommended_tolerances"]
     blocks = capture(model.blocks)
     x = T(a["x"])
@@ -119,13 +127,18 @@ def test_dinov2_parity(name, tmp_path):
 
 # ---- real checkpoint layouts (meta device: no memory, no weights)
 
+@pytest.fixture(scope="module")
+def layouts():
+    return load_fixture("pretrained", "real_checkpoint_layouts")[0]
+
+
 def _layout_dict(entry):
     return {e["key"]: torch.empty(e["shape"], device="meta") for e in entry["state_dict"]}
 
 
 @pytest.mark.parametrize("name", ["ViT-B/16", "ViT-L/14"])
-def test_clip_real_layout(name):
-    entry = json.loads((SHARED / "fixtures/pretrained/real_checkpoint_layouts.json").read_text())[f"clip_{name}"]
+def test_clip_real_layout(name, layouts):
+    entry = layouts[f"clip_{name}"]
     kwargs, fname = P.CLIP_PRESETS[name]
     assert kwargs == entry["constructor"] and fname in P.WEIGHT_URLS
     with torch.device("meta"):
@@ -134,12 +147,12 @@ def test_clip_real_layout(name):
     assert {"visual." + k: tuple(v.shape) for k, v in model.state_dict().items()} == \
         {k: tuple(v.shape) for k, v in sd.items()}
     assert sum(p.numel() for p in model.parameters()) == entry["n_params"]
-    P.load_state_dict_strict(model, sd, prefix=entry["checkpoint_prefix"])  # the real file's keys load strictly
+    P.load_weights(model, sd, fname, prefix=entry["checkpoint_prefix"])  # the real file's keys load strictly
 
 
 @pytest.mark.parametrize("name", ["vits14", "vitb14", "vits14_reg", "vitb14_reg"])
-def test_dinov2_real_layout(name):
-    entry = json.loads((SHARED / "fixtures/pretrained/real_checkpoint_layouts.json").read_text())[f"dinov2_{name}"]
+def test_dinov2_real_layout(name, layouts):
+    entry = layouts[f"dinov2_{name}"]
     cfg = P.DINOv2Config(**P.DINOV2_PRESETS[name])
     hub = entry["hub_kwargs"]
     assert {k: getattr(cfg, k) for k in hub if hasattr(cfg, k)} == {k: v for k, v in hub.items() if hasattr(cfg, k)}
@@ -148,19 +161,20 @@ def test_dinov2_real_layout(name):
     sd = _layout_dict(entry)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(v.shape) for k, v in sd.items()}
     assert sum(p.numel() for p in model.parameters()) == entry["n_params"]
-    P.load_state_dict_strict(model, sd, prefix=entry["checkpoint_prefix"])
+    P.load_weights(model, sd, name, prefix=entry["checkpoint_prefix"])
 
 
-# ---- missing weight files: one-line error, never a download in tests
+# ---- missing weight files: one-line error naming the file, the place and the fix; never a download in tests
 
-@pytest.mark.parametrize("build, fname, where", [
-    (lambda tmp: P.clip_vit("ViT-L/14"), "ViT-L-14.pt", "checkpoints"),
-    (lambda tmp: P.dinov2("vits14_reg"), "dinov2_vits14_reg4_pretrain.pth", "checkpoints"),
-    (lambda tmp: P.lpips_vgg(), "vgg16-397923af.pth", "checkpoints"),
-    (lambda tmp: P.lpips_vgg(vgg_path=tmp / "v.pth"), "vgg16-397923af.pth", "v.pth"),  # explicit path, absent
-    (lambda tmp: P.teacher("clip:ViT-B/16", download=True), "ViT-B-16.pt", "checkpoints"),  # download fails
+@pytest.mark.parametrize("build, fname, where, fix", [
+    (lambda tmp: P.clip_vit("ViT-L/14"), "ViT-L-14.pt", "checkpoints", "--download=true"),
+    (lambda tmp: P.dinov2("vits14_reg"), "dinov2_vits14_reg4_pretrain.pth", "checkpoints", "--download=true"),
+    (lambda tmp: P.lpips_vgg(), "vgg16-397923af.pth", "checkpoints", "--lpips_vgg_path=..."),
+    (lambda tmp: P.lpips_vgg(vgg_path=tmp / "v.pth"), "vgg16-397923af.pth", "v.pth", "given as --lpips_vgg_path"),
+    (lambda tmp: P.teacher("clip_b16", download=True), "ViT-B-16.pt", "checkpoints", "failed (OSError)"),
+    (lambda tmp: P.feature_net("inception"), "pt_inception-2015-12-05-6726825d.pth", "checkpoints", "--net_path"),
 ])
-def test_missing_file_one_line_error(build, fname, where, tmp_path, monkeypatch):
+def test_missing_file_one_line_error(build, fname, where, fix, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     tried = []
 
@@ -173,27 +187,114 @@ def test_missing_file_one_line_error(build, fname, where, tmp_path, monkeypatch)
         build(tmp_path)
     msg = str(e.value)
     path = tmp_path / "checkpoints" / fname if where == "checkpoints" else tmp_path / where
-    assert "\n" not in msg and fname in msg and str(path) in msg
+    assert "\n" not in msg and fname in msg and str(path) in msg and fix in msg, msg
     assert tried == ([P.WEIGHT_URLS[fname]] if "failed" in msg else [])
 
 
 # ---- Teacher wrapper
 
-@pytest.mark.parametrize("spec", ["clip:tiny", "dinov2:tiny"])
-def test_teacher_preprocessing(spec):
+@pytest.mark.parametrize("name", ["clip_tiny", "dinov2_tiny"])
+def test_teacher_preprocessing(name):
     torch.manual_seed(0)
-    t = P.teacher(spec)
+    t = P.teacher(name)
     t.train()  # a training loop calling .train() must not unfreeze the teacher
     assert not t.training and not any(p.requires_grad for p in t.parameters())
     x = torch.rand(2, 3, 40, 40) * 2 - 1
     cls, patch = t(x)
-    mean, std = (P.CLIP_MEAN, P.CLIP_STD) if spec.startswith("clip") else (P.IMAGENET_MEAN, P.IMAGENET_STD)
-    y = F.interpolate(x * 0.5 + 0.5, size=(t.size, t.size))  # official: default nearest
-    ref = t.net((y - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
-    patch_size = t.net.cfg.patch_size
-    assert cls.shape == (2, t.width) and patch.shape == (2, (t.size // patch_size) ** 2, t.width)
+    mean, std = (P.CLIP_MEAN, P.CLIP_STD) if name.startswith("clip") else (P.IMAGENET_MEAN, P.IMAGENET_STD)
+    norm = lambda y: (y - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)  # noqa: E731
+    ref = t.net(norm(F.interpolate(x * 0.5 + 0.5, size=(t.size, t.size))))  # official: default nearest
+    assert cls.shape == (2, t.width) and patch.shape == (2, (t.size // t.net.cfg.patch_size) ** 2, t.width)
     assert torch.equal(cls, ref["cls"]) and torch.equal(patch, ref["patch"])
-    assert not torch.equal(P.Teacher(t.net, mode="bilinear")(x)[0], cls)
+    bilinear = t.net(norm(F.interpolate(x * 0.5 + 0.5, size=(t.size, t.size), mode="bilinear")))
+    assert not torch.allclose(bilinear["cls"], cls)  # the resize mode matters: the test would see another one
+    with pytest.raises(ValueError, match="unknown teacher 'clip:tiny'"):
+        P.teacher("clip:tiny")
+
+
+# ---- the classifiers trained here (train_classifier.py): random tiny ones
+
+def tiny_classifier(net, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(net=net, width=32, layers=1, heads=2) if net == "vit" else dict(net=net, width=16)
+    return P.Classifier(P.ClassifierConfig(**{**cfg, **kw}))
+
+
+@pytest.mark.parametrize("net, tokens, width", [("vit", 16, 32), ("cnn", 64, 64)])  # vit: 32 / patch 8; cnn: 2x s2
+def test_classifier_forward_shapes(net, tokens, width):
+    model = tiny_classifier(net)
+    out = model(torch.randn(3, 3, 32, 32))
+    D = model.cfg.width
+    assert out["cls"].shape == (3, D) and out["patch"].shape == (3, tokens, width) and out["logits"].shape == (3, 10)
+    if net == "vit":  # no class token: the mean of the tokens
+        assert torch.allclose(out["cls"], out["patch"].mean(1))
+    else:  # a hidden layer on the flattened conv map
+        assert torch.allclose(out["cls"], model.hidden(out["patch"].transpose(1, 2).flatten(1)))
+    assert torch.allclose(out["logits"], model.fc(out["cls"]))
+
+
+@pytest.mark.parametrize("net, kind", [("vit", "teacher"), ("cnn", "featnet")])
+def test_classifier_checkpoint_round_trip(net, kind, tmp_path):
+    model = tiny_classifier(net)
+    model(torch.randn(4, 3, 32, 32))  # train mode: the cnn's BatchNorm running stats move off 0 / 1
+    model.eval()
+    save_checkpoint(P.checkpoint_dict(model, kind, test_acc=0.5), tmp_path / "ckpt.pt")
+    back = P.trained_here(kind, str(tmp_path / "ckpt.pt"))
+    assert back.cfg == model.cfg and not back.training and not any(p.requires_grad for p in back.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(back(x)["logits"], model(x)["logits"])
+    other = "featnet" if kind == "teacher" else "teacher"
+    with pytest.raises(ValueError, match=f"is a '{kind}' checkpoint, not a '{other}' one"):
+        P.trained_here(other, str(tmp_path / "ckpt.pt"))
+
+
+@pytest.mark.parametrize("kind, build", [("teacher", lambda: P.teacher("fmnist_vit")),
+                                         ("featnet", lambda: P.feature_net("fmnist")),
+                                         ("featnet", lambda: P.trained_here("featnet"))])
+def test_trained_here_missing_names_the_command(kind, build, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default paths are relative: an empty folder has none
+    with pytest.raises(FileNotFoundError) as e:
+        build()
+    msg = str(e.value)
+    assert "\n" not in msg and P.TRAINED_HERE[kind] in msg and f"python train_classifier.py --net={kind}" in msg
+
+
+def test_teacher_over_classifier_is_identity_preprocessing(tmp_path):
+    """mean = std = 0.5 (the IU teacher): x*0.5+0.5 then (x-0.5)/0.5 is the identity on [-1, 1] images, exactly on
+    dyadic pixel values; teacher('fmnist_vit', path) gives the same network from its checkpoint."""
+    model = tiny_classifier("vit", mean=0.5, std=0.5).eval()
+    x = torch.randint(0, 257, (2, 3, 32, 32)) / 128 - 1  # k/128 - 1: every step of the preprocessing is exact
+    ref = model(x)
+    t = P.Teacher(model)
+    assert t.size == 32 and t.width == 32
+    cls, patch = t(x)
+    assert torch.equal(cls, ref["cls"]) and torch.equal(patch, ref["patch"])
+    save_checkpoint(P.checkpoint_dict(model, "teacher"), tmp_path / "teacher.pt")
+    t2 = P.teacher("fmnist_vit", path=str(tmp_path / "teacher.pt"))
+    assert isinstance(t2.net, P.Classifier) and t2.size == 32
+    cls2, patch2 = t2(x)
+    assert torch.equal(cls2, cls) and torch.equal(patch2, patch)
+    y = torch.rand(1, 3, 48, 48) * 2 - 1  # another size: nearest resize to 32
+    assert torch.equal(t2(y)[0], model(F.interpolate(y * 0.5 + 0.5, size=(32, 32)) * 2 - 1)["cls"])
+
+
+def test_feature_net_fmnist(tmp_path):
+    """--net=fmnist: [0, 1] images -> (penultimate features (B, width), logits (B, 10)); other sizes resized."""
+    model = tiny_classifier("cnn").eval()
+    save_checkpoint(P.checkpoint_dict(model, "featnet"), tmp_path / "featnet.pt")
+    net = P.feature_net("fmnist", str(tmp_path / "featnet.pt"))
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        f, logits = net(x)
+        ref = model((x - model.cfg.mean) / model.cfg.std)
+        assert f.shape == (3, 16) and logits.shape == (3, 10)
+        assert torch.allclose(f, ref["cls"]) and torch.allclose(logits, ref["logits"])
+        f28, logits28 = net(torch.rand(2, 3, 28, 28))  # Fashion-MNIST's own size
+    assert f28.shape == (2, 16) and logits28.shape == (2, 10) and torch.isfinite(f28).all()
+    save_checkpoint(P.checkpoint_dict(tiny_classifier("vit"), "teacher"), tmp_path / "teacher.pt")
+    with pytest.raises(ValueError, match="not a 'featnet' one"):  # the teacher is no evaluation network
+        P.feature_net("fmnist", str(tmp_path / "teacher.pt"))
 
 
 # ---- LPIPS
@@ -221,18 +322,20 @@ def test_lpips_parity(tmp_path):
         d, per_layer = m(x0, x1, per_layer=True)
     close(d, a["d"], tol["d"]["atol"], what="d")
     close(per_layer.T, a["per_layer"], tol["per_layer"]["atol"], tol["per_layer"]["rtol"], what="per_layer")
-    with pytest.raises(ValueError, match="lin4.model.1.weight"):  # a lin file with a key missing must not load
-        del lins["lin4.model.1.weight"]
-        P.load_state_dict_strict(m.lins, lins)
+    del lins["lin4.model.1.weight"]  # a lin file missing a key must not load
+    with pytest.raises(ValueError, match=r'(?s)^vgg.pth .*"lin4.model.1.weight"'):
+        P.load_weights(m.lins, lins, "vgg.pth")
 
 
 def test_lpips_tiny_loss_behaviour():
     torch.manual_seed(0)
     m = P.lpips_vgg("tiny")
     m.train()
+    assert not m.training
     x0, x1 = torch.rand(2, 3, 32, 32) * 2 - 1, (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_()
     d = m(x0, x1)
     assert d.shape == (2,) and (d > 0).all() and torch.equal(d, m(x0, x1))  # deterministic, no dropout
     d.sum().backward()
     assert x1.grad.abs().sum() > 0 and all(p.grad is None for p in m.parameters())
     assert torch.allclose(m(x0, x0), torch.zeros(2))
+    assert torch.allclose(m(x0, x1), m(x1, x0))  # symmetric

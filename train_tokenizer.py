@@ -1,47 +1,50 @@
 """
-Train the FQGAN tokenizer (Bai et al., "Factorized Visual Tokenization and Generation", arXiv 2411.16681) with its
-full objective (official recipe: train_fqgan_{dual,triple}.sh of showlab/FQGAN, built on LlamaGen's VQGAN trainer):
+Train the FQGAN tokenizer (Bai et al., arXiv 2411.16681; official recipe train_fqgan_{dual,triple}.sh of showlab/FQGAN
+on LlamaGen's VQGAN trainer), and the VQ-KD / Cluster tokenizers of Wang et al. (arXiv 2411.04406), on one K-generic
+model. The objective, as the functions below compute it (t = the step):
 
-    L_G = mse_weight * MSE(x, x_rec) + lpips_weight * LPIPS(x, x_rec) + w_adv * -mean D(x_rec)      (taming / LlamaGen)
-          + sum_k (vq_k + commit_k + entropy_k) + disentanglement                (fqgan.FQGAN: aux['vq_total'])
-          + rep_weight * sum over supervised branches k of InfoNCE(head_k(q_k)[cls], teacher_k(x)[cls])
-    L_D = w_adv * 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(sg(x_rec))))                        (hinge PatchGAN)
+  generator_loss      L_G = w_mse MSE(x, x^) + w_lpips LPIPS(x, x^)
+                            + sum_k (L_vq,k + beta L_commit,k + lambda_ent L_ent,k) + lambda_dis L_dis      (fqgan.py)
+                            + w_rep sum_{k supervised} L_rep,k + w_adv(t) (-mean D(x^))
+  discriminator_loss  L_D = w_adv(t) 1/2 (mean relu(1 - D(x)) + mean relu(1 + D(sg(x^))))         (hinge PatchGAN)
+  representation_loss L_rep ("representation learning", L_sem of the official code): InfoNCE of the feature head's
+                      class token against the teacher's CLS feature of the ORIGINAL image, temperature 1, negatives =
+                      the other images of the process's batch; or VQ-KD's per-token 1 - cos to the teacher's patches
+  w_adv(t) = disc_weight (0.5) from disc_start (20000) on, else 0; D is not run before; no adaptive weight.
 
-w_adv = disc_weight from step disc_start on (the discriminator is not run at all before); disc_adaptive=true scales
-the generator term by taming's gradient-norm ratio at the last decoder layer. rep_loss=cosine swaps the InfoNCE for
-VQ-KD's per-token feature reconstruction (Wang et al., arXiv 2411.04406): 1 - cos(head patch tokens, teacher patches).
-Branch 0 ("vis") never has a teacher; Dual: CLIP ViT-L/14 on branch 1; Triple: DINOv2 ViT-S/14 on 1, CLIP ViT-B/16 on 2.
+Stages: full (FQGAN); features (VQ-KD stage 1: encoder + codebook learn only L_rep (cosine) + VQ terms through a
+small feature decoder, no pixels); decoder (stage 2 of VQ-KD and Cluster: encoder and codebooks frozen, the pixel
+decoder learns MSE + LPIPS + GAN). --init=PATH starts from a tokenizer checkpoint; --init=cluster builds the Cluster
+tokenizer: the frozen teacher as the encoder, a k-means codebook of its patch features.
 
-    python train_tokenizer.py                          # tiny preset, Fashion-MNIST 32 px, CPU: < 10 min, ~22.5 dB
+    python train_tokenizer.py                 # FQGAN-Dual on Fashion-MNIST 32 px with the IU teacher on branch 1
     python train_tokenizer.py --teachers=none,clip_tiny --lpips=tiny --disc_start=0   # every term, tiny stand-ins
-    python train_tokenizer.py --preset=dual16 --data=/data/imagenet/train --batch_size=32 --max_steps=200000 \\
-        --disc_start=20000 --num_workers=8 --log_interval=100 --eval_interval=5000 --ckpt_interval=5000
-    torchrun --standalone --nproc_per_node=8 train_tokenizer.py --preset=dual16 --data=/data/imagenet/train ...
-    python train_tokenizer.py --resume=true ...         # continue out_dir/ckpt.pt exactly (pass the same flags)
-Pretrained teachers and LPIPS-VGG are read from torch.hub.get_dir()/checkpoints or the given paths (pretrained.py).
-The tiny preset (the CPU default) uses neither by default (a random tiny teacher teaches nothing); its 1200 steps also
-end before disc_start, so the default run is MSE + VQ terms + disentanglement. On a CPU shared with other jobs,
-OMP_NUM_THREADS=1 avoids oversubscribed threads (it can be several times faster there).
+    python train_tokenizer.py --stage=features --model_overrides=n_codebooks=1 --teachers=fmnist_vit \\
+        --rep_loss=cosine --rep_layers=1 --out_dir=out/vqkd1                                   # VQ-KD stage 1
+    python train_tokenizer.py --stage=decoder --init=out/vqkd1/ckpt.pt --out_dir=out/vqkd      # VQ-KD stage 2
+    python train_tokenizer.py --stage=decoder --init=cluster --teachers=fmnist_vit --out_dir=out/cluster  # Cluster
+    torchrun --standalone --nproc_per_node=8 train_tokenizer.py --preset=dual16 --data=/data/imagenet/train \\
+        --batch_size=32 --max_steps=200000 --num_workers=8 --eval_interval=5000 --ckpt_interval=5000   # the paper
+    python train_tokenizer.py --resume=true ...   # continue out_dir/ckpt.pt exactly (pass the same flags)
 
 Shape legend: B batch, H W image size, h w latent grid, T = h*w tokens, K sub-codebooks, D code dim, W teacher width.
 """
-import ast
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (Logger, autocast, batches, cleanup_distributed, get_lr, init_distributed, load_checkpoint,
-                    make_dataset, parse_config, restore_rng, rng_states, save_checkpoint)
-from fqgan import FQGAN, FQGANConfig, ResidualAttentionBlock, checkpoint_dict, config_from_preset, load_strict
+from common import (Logger, adamw, build, check, cli, convert, load_checkpoint, restore_rng, rng_states,
+                    save_checkpoint, session)
+from data import batches, make_dataset
+from fqgan import PRESETS as FQGAN_PRESETS
+from fqgan import FQGAN, FQGANConfig, ResidualAttentionBlock, checkpoint_dict, config_from_preset
 from pretrained import lpips_vgg, teacher
 
 
@@ -49,44 +52,40 @@ from pretrained import lpips_vgg, teacher
 class TrainConfig:
     # data and output
     data: str = "fashion-mnist"     # 'fashion-mnist' | 'synthetic' | PATH of an ImageFolder tree root/<class>/<image>
-    val_data: str = ""              # held-out set for PSNR and the grid; '' = fashion-mnist's test split / --data
+    val_data: str = ""              # held-out set for PSNR and the grid; '' = the test split of --data
     out_dir: str = "out/tokenizer"  # log.txt, ckpt.pt and recon_<step>.png are written here
-    resume: bool = False            # continue out_dir/ckpt.pt: weights, optimizers, EMA, step, data order, RNG
+    resume: bool = False            # continue out_dir/ckpt.pt: weights, optimizers, step, data order, RNG
     # model
     preset: str = "tiny"            # fqgan.PRESETS: tiny | vq16 | vq8 | dual16 | triple16 | dual8 | triple8
     model_overrides: str = ""       # FQGANConfig fields 'name=value;...', e.g. 'image_size=128;codebook_size=4096'
+    stage: str = "full"             # full (FQGAN) | features (VQ-KD stage 1) | decoder (frozen encoder + codebooks)
+    init: str = ""                  # '' | PATH of a tokenizer checkpoint to start from | 'cluster' (see above)
+    kmeans_images: int = 10000      # --init=cluster: training images whose teacher patch features are clustered
     # optimisation (official: Adam betas (0.9, 0.95), lr 2e-4 constant, clip 1.0, global batch 256, ~200k steps)
     batch_size: int = 16            # images per micro-step per process (official: 32 per GPU)
     grad_accum: int = 1             # micro-steps per optimizer step; global batch = batch_size * grad_accum * world
-    max_steps: int = 1200           # optimizer steps of the run (official: ~200k)
-    lr: float = 2e-4                # learning rate of both the tokenizer (with its heads) and the discriminator
-    warmup_steps: int = 0           # linear warm-up steps (official: none)
-    lr_decay: str = "constant"      # 'constant' (official) | 'cosine' (to 0.1 * lr at max_steps)
+    max_steps: int = 600            # optimizer steps of the run (official: ~200k)
+    lr: float = 2e-4                # Adam learning rate of the generator (tokenizer + heads) and the discriminator
     beta1: float = 0.9              # Adam beta1
     beta2: float = 0.95             # Adam beta2
-    weight_decay: float = 0.0       # AdamW decay of >= 2-D weights (official: plain Adam, no decay)
     grad_clip: float = 1.0          # max global gradient norm, each optimizer (0 = no clipping)
-    ema: bool = False               # keep an EMA of the tokenizer (saved as 'ema'; from_checkpoint prefers it)
-    ema_decay: float = 0.999        # EMA decay per optimizer step
     # loss terms
-    mse_weight: float = 1.0         # pixel MSE in [-1, 1]
+    mse_weight: float = 1.0         # w_mse, pixel MSE in [-1, 1]
     lpips: str = "auto"             # 'vgg16' (pretrained files) | 'tiny' (random, tests) | 'none'; auto: none if tiny
-    lpips_weight: float = 1.0       # LPIPS weight (official 1.0)
+    lpips_weight: float = 1.0       # w_lpips (official 1.0)
     lpips_vgg_path: str = ""        # vgg16-397923af.pth; '' = torch hub cache
     lpips_lin_path: str = ""        # LPIPS v0.1 vgg.pth lin weights; '' = torch hub cache
     disc_start: int = 20000         # first step with the GAN terms; the discriminator is not run before it
     disc_weight: float = 0.5        # w_adv of the generator hinge term and of the discriminator loss
-    disc_adaptive: bool = False     # multiply the generator GAN term by taming's adaptive weight (official: off)
     disc_ndf: int = 64              # PatchGAN base width
     disc_layers: int = 3            # PatchGAN n_layers (3: 256 px -> 30x30 logits; use 2 for 16 px images)
-    teachers: tuple = ("auto",)     # per branch: none|clip_l14|clip_b16|dinov2_s14|dinov2_b14|clip_tiny|dinov2_tiny
-    #                                 or a pretrained.teacher spec; auto = the paper's map (Dual/Triple), none for tiny
-    teacher_paths: tuple = ("auto",)  # weight file per branch (same order); auto = torch hub cache
-    teacher_resize: str = "nearest"  # interpolation of the image to the teacher's input size (official: nearest)
+    teachers: tuple = ("auto",)     # per branch: none | pretrained.TEACHERS name (clip_l14, dinov2_s14, fmnist_vit,
+    #                                 clip_tiny, ...); auto = the paper's map, fmnist_vit on branch 1 for the demo
+    teacher_paths: tuple = ("auto",)  # weight file per branch (same order); auto = the default place
     rep_loss: str = "infonce"       # 'infonce' on the CLS token (official) | 'cosine' per token (VQ-KD)
-    rep_weight: float = 0.5         # weight per supervised branch (official 0.5)
-    rep_temperature: float = 1.0    # InfoNCE temperature (official 1; negatives = the per-process batch)
-    rep_layers: int = 3             # transformer blocks in each feature-prediction head (official 3)
+    rep_weight: float = 0.5         # w_rep per supervised branch (official 0.5)
+    rep_temperature: float = 1.0    # InfoNCE temperature (official 1)
+    rep_layers: int = 3             # transformer blocks in each feature-prediction head (official 3; VQ-KD 1)
     download: bool = False          # download missing pretrained files from their release URLs
     # system
     device: str = "auto"            # 'auto' (cuda if available) | 'cpu' | 'cuda'
@@ -98,25 +97,23 @@ class TrainConfig:
     eval_images: int = 256          # held-out images for PSNR; the grid shows the first 8
     ckpt_interval: int = 300        # steps between checkpoints (and at the last step)
 
-    def __post_init__(self):  # a bad value stops with a one-line message
-        for name, allowed in (("rep_loss", ("infonce", "cosine")), ("lr_decay", ("constant", "cosine")),
-                              ("lpips", ("auto", "vgg16", "tiny", "none"))):
-            if getattr(self, name) not in allowed:
-                raise SystemExit(f"--{name}={getattr(self, name)}: choose one of {', '.join(allowed)}")
-        if min(self.batch_size, self.grad_accum, self.log_interval, self.eval_interval, self.ckpt_interval) < 1:
-            raise SystemExit("batch_size, grad_accum and the *_interval flags must be >= 1")
+    def __post_init__(self):
+        check(self, positive="batch_size grad_accum lr log_interval eval_interval eval_images ckpt_interval "
+                             "kmeans_images disc_ndf disc_layers rep_temperature", unit="beta1 beta2",
+              stage=("full", "features", "decoder"), rep_loss=("infonce", "cosine"),
+              lpips=("auto", "vgg16", "tiny", "none"), preset=tuple(FQGAN_PRESETS))
+        if self.init == "cluster" and self.stage != "decoder":
+            raise SystemExit("--init=cluster builds a frozen encoder and codebook: use it with --stage=decoder")
 
 
-TEACHERS = {"clip_l14": "clip:ViT-L/14", "clip_b16": "clip:ViT-B/16", "dinov2_s14": "dinov2:vits14",
-            "dinov2_b14": "dinov2:vitb14", "clip_tiny": "clip:tiny", "dinov2_tiny": "dinov2:tiny"}
 OFFICIAL_TEACHERS = {2: ("none", "clip_l14"), 3: ("none", "dinov2_s14", "clip_b16")}  # Dual, Triple
 
 
-# ---- training-only networks and losses
+# ---- training-only networks
 
 class FeatPredHead(nn.Module):
-    """Official "FeatPredHead": one branch's codes -> MLP to the teacher width -> [cls; tokens] + positions -> LN ->
-    CLIP blocks -> LN. Token 0 predicts the teacher's CLS feature, tokens 1.. its patch features."""
+    """Official "FeatPredHead" (also VQ-KD's feature decoder): one branch's codes -> MLP to the teacher width ->
+    [cls; tokens] + positions -> LN -> CLIP blocks -> LN. Token 0 predicts the teacher's CLS, tokens 1.. its patches."""
 
     def __init__(self, code_dim, width, n_tokens, n_layer=3, n_head=8):
         super().__init__()
@@ -124,7 +121,7 @@ class FeatPredHead(nn.Module):
         self.class_embedding = nn.Parameter(width ** -0.5 * torch.randn(width))
         self.positional_embedding = nn.Parameter(width ** -0.5 * torch.randn(n_tokens + 1, width))
         self.ln_pre, self.ln_post = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.transformer = nn.ModuleList([ResidualAttentionBlock(width, n_head) for _ in range(n_layer)])  # exact GELU
+        self.transformer = nn.ModuleList([ResidualAttentionBlock(width, n_head) for _ in range(n_layer)])
 
     def forward(self, q):  # (B, D, h, w) straight-through codes of one branch
         x = self.upscale(q.flatten(2).transpose(1, 2))  # (B, T, W)
@@ -136,15 +133,21 @@ class FeatPredHead(nn.Module):
 
 
 class Generator(nn.Module):
-    """The tokenizer plus its feature-prediction heads: everything the generator optimizer trains, one DDP module."""
+    """Everything the generator optimizer trains, as one DDP module: the tokenizer and its feature heads. Stage
+    'decoder' quantizes without gradients (encoder and codebooks frozen); 'features' does not decode."""
 
-    def __init__(self, tokenizer, heads):
+    def __init__(self, tokenizer, heads, stage):
         super().__init__()
-        self.tokenizer, self.heads = tokenizer, heads  # heads: ModuleDict {str(branch): FeatPredHead}
+        self.tokenizer, self.heads, self.stage = tokenizer, heads, stage
 
     def forward(self, x):  # (B, 3, H, W) in [-1, 1]
-        recon, aux = self.tokenizer(x)
-        D = self.tokenizer.cfg.codebook_dim
+        tok, D = self.tokenizer, self.tokenizer.cfg.codebook_dim
+        if self.stage == "decoder":  # frozen parts stay in eval mode (a ViT trunk's BatchNorm statistics too)
+            for m in (tok.encoder, tok.branches, tok.quantizers):
+                m.eval()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.stage != "decoder"):
+            aux = tok.codes(x, with_losses=True)
+        recon = None if self.stage == "features" else tok.decode(aux["quant"])  # (B, 3, H, W)
         preds = {k: head(aux["quant"][:, int(k) * D:(int(k) + 1) * D]) for k, head in self.heads.items()}
         return recon, aux, preds  # preds[k] (B, 1+T, W)
 
@@ -172,17 +175,20 @@ class PatchGAN(nn.Module):
         return self.main(x)
 
 
-def hinge_d_loss(logits_real, logits_fake):
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+# ---- the objective
+
+def gan_weight(step, cfg):
+    """w_adv(t): disc_weight from disc_start on, else 0 (LlamaGen / FQGAN: 0.5 from step 20000)."""
+    return cfg.disc_weight if step >= cfg.disc_start else 0.0
 
 
-def rep_loss(kind, pred, cls_t, patch_t, temperature):
-    """InfoNCE of the head's CLS against the teacher CLS (negatives: the other images of this process's batch), or
-    1 - cos per token against the teacher's patch features resized to the latent grid."""
+def representation_loss(pred, cls_t, patch_t, kind="infonce", temperature=1.0):
+    """L_rep. 'infonce': cross-entropy of the logits p_b . t_c / temperature over the batch (c), target c = b, with
+    p = the head's l2-normalised class token and t = the teacher's l2-normalised CLS (one direction: prediction ->
+    teacher). 'cosine' (VQ-KD): mean over tokens of 1 - cos(head token, teacher patch resized to the latent grid)."""
     if kind == "infonce":
         p, t = F.normalize(pred[:, 0].float(), dim=-1), F.normalize(cls_t.float(), dim=-1)  # (B, W)
-        logits = p @ t.t() / temperature  # (B, B): row b scores image b's prediction against every teacher CLS
-        return F.cross_entropy(logits, torch.arange(len(p), device=p.device))
+        return F.cross_entropy(p @ t.t() / temperature, torch.arange(len(p), device=p.device))
     tokens = pred[:, 1:].float()  # (B, T, W)
     B, T, W = tokens.shape
     h, g = math.isqrt(T), math.isqrt(patch_t.shape[1])
@@ -191,320 +197,286 @@ def rep_loss(kind, pred, cls_t, patch_t, temperature):
     return (1 - F.cosine_similarity(tokens, t, dim=-1)).mean()
 
 
-def adaptive_weight(rec_loss, gan_loss, last_layer):
-    """taming: ||grad rec|| / ||grad gan|| at the last decoder weight, clamped to [0, 1e4], no gradient."""
-    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+def generator_loss(x, recon, aux, preds, teachers, step, cfg, disc=None, lpips=None):
+    """L_G of the module docstring -> (loss, dict of its terms). recon None (stage 'features'): no pixel terms.
+    teachers: {branch: frozen Teacher}; each sees the ORIGINAL image x, never the reconstruction."""
+    terms = {"vq": aux["vq_total"] - aux["disentangle_loss"], "dis": aux["disentangle_loss"]}
+    loss = aux["vq_total"]
+    if recon is not None:
+        terms["mse"] = F.mse_loss(recon.float(), x.float())
+        loss = loss + cfg.mse_weight * terms["mse"]
+        if lpips is not None:
+            terms["lpips"] = lpips(x, recon).mean()
+            loss = loss + cfg.lpips_weight * terms["lpips"]
+    for k, t in teachers.items():
+        terms[f"rep{k}"] = representation_loss(preds[k], *t(x), cfg.rep_loss, cfg.rep_temperature)
+        loss = loss + cfg.rep_weight * terms[f"rep{k}"]
+    w = gan_weight(step, cfg)
+    if w and recon is not None:
+        terms["gan"] = -disc(recon).float().mean()
+        loss = loss + w * terms["gan"]
+    return loss, terms
 
 
-# ---- set-up helpers
-
-def parse_overrides(text):
-    """'name=value;name=value' -> dict, values as Python literals (tuples may be written 1,2,2)."""
-    out = {}
-    for item in filter(None, (s.strip() for s in text.split(";"))):
-        key, _, value = item.partition("=")
-        if key not in FQGANConfig.__dataclass_fields__ or not value:
-            raise SystemExit(f"--model_overrides: bad item '{item}' (expected name=value with a FQGANConfig field)")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            raise SystemExit(f"--model_overrides: cannot read the value of '{item}'") from None
-    return out
+def discriminator_loss(disc, x, fake, step, cfg):
+    """L_D = w_adv(t) * 1/2 (mean relu(1 - D(x)) + mean relu(1 + D(fake))), fake = the detached reconstruction."""
+    hinge = F.relu(1.0 - disc(x).float()).mean() + F.relu(1.0 + disc(fake).float()).mean()
+    return gan_weight(step, cfg) * 0.5 * hinge
 
 
-def teacher_specs(cfg, K):
-    """One entry per branch: None or a pretrained.teacher spec such as 'clip:ViT-L/14'."""
+# ---- set-up
+
+def kmeans(x, k, iters=20, seed=0):
+    """Spherical (cosine) k-means of the rows of x (N, D) -> (k, D) unit centres: seeded k-means++ (the next centre
+    drawn with probability ~ 1 - cos = |x - c|^2 / 2 to the nearest centre so far), then Lloyd iterations; an empty
+    cluster is re-seeded with the worst-served point."""
+    g, x = torch.Generator().manual_seed(seed), F.normalize(x.float(), dim=1)
+    c = x[torch.randint(len(x), (1,), generator=g)]
+    d = 1 - x @ c[0]  # (N,) cosine distance to the nearest centre
+    for _ in range(k - 1):
+        c = torch.cat([c, x[torch.multinomial(d.clamp_min(1e-12), 1, generator=g)]])
+        d = torch.minimum(d, 1 - x @ c[-1])
+    for _ in range(iters):
+        best = [(part @ c.t()).max(1) for part in x.split(65536)]  # in chunks: (N, k) is never held at once
+        sim, assign = torch.cat([b.values for b in best]), torch.cat([b.indices for b in best])
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        empty = torch.bincount(assign, minlength=k) == 0
+        sums[empty] = x[sim.argsort()[:int(empty.sum())]]
+        c = F.normalize(sums, dim=1)
+    return c
+
+
+def teacher_names(cfg, K):
+    """One entry per branch: None or a pretrained.TEACHERS name."""
     names = cfg.teachers
     if names == ("auto",):
-        names = ("none",) * K if cfg.preset == "tiny" else OFFICIAL_TEACHERS.get(K, ("none",) * K)
-    if len(names) != K:
-        raise SystemExit(f"--teachers has {len(names)} entries for {K} sub-codebooks: give one per branch")
-    return [None if n == "none" else TEACHERS.get(n, n) for n in names]
+        demo = ("none", "fmnist_vit") if K == 2 and cfg.data == "fashion-mnist" and cfg.stage == "full" else None
+        names = (demo or ("none",) * K) if cfg.preset == "tiny" else OFFICIAL_TEACHERS.get(K, ("none",) * K)
+    paths = cfg.teacher_paths * K if cfg.teacher_paths == ("auto",) else cfg.teacher_paths
+    if len(names) != K or len(paths) != K:
+        raise SystemExit(f"--teachers / --teacher_paths need one entry per sub-codebook ({K}), got {names} / {paths}")
+    return {str(k): (n, None if p == "auto" else p) for k, (n, p) in enumerate(zip(names, paths)) if n != "none"}
 
 
-def make_optimizer(module, cfg, device_type):
-    """AdamW (= Adam at weight_decay 0, the official setting); decay only on >= 2-D weights."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+def cluster_tokenizer(cfg, log):
+    """The Cluster tokenizer: a ViT-trunk FQGAN whose trunk is the (frozen) IU teacher and whose codebook is the
+    k-means of the teacher's patch features over --kmeans_images training images."""
+    name, path = teacher_names(cfg, 1).get("0", (None, None))
+    if name is None:
+        raise SystemExit("--init=cluster needs the teacher of its one sub-codebook: --teachers=fmnist_vit")
+    net = teacher(name, path).net
+    c = net.cfg
+    if getattr(c, "net", None) != "vit":
+        raise SystemExit(f"--init=cluster needs a ViT teacher trained here (fmnist_vit), not {name}")
+    base = config_from_preset(cfg.preset, **parse_overrides(cfg.model_overrides))
+    levels = int(math.log2(c.patch)) + 1
+    mult = (base.ch_mult + base.ch_mult[-1:] * levels)[:levels]  # decoder levels for the teacher's patch size
+    tok = FQGAN(FQGANConfig(**{**asdict(base), **dict(
+        encoder="vit", image_size=c.image_size, ch_mult=mult, n_codebooks=1, codebook_dim=c.width, adapter_layers=0,
+        vit_layers=c.layers, adapter_heads=c.heads)}))
+    tok.encoder.load_state_dict(net.body.state_dict())  # the teacher's own weights: encoder(x) = its patch features
+    tok.encoder.eval()  # its BatchNorm statistics are the teacher's: never updated
+    train_ds = make_dataset(cfg.data, c.image_size, "train")
+    pick = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.kmeans_images]
+    with torch.no_grad():
+        feats = torch.cat([tok.encoder(torch.stack([train_ds[int(i)][0] for i in chunk])).flatten(2).transpose(1, 2)
+                           .flatten(0, 1) for chunk in pick.split(256)])  # (n * T, W)
+        tok.quantizers[0].embedding.weight.copy_(kmeans(feats, tok.cfg.codebook_size, seed=cfg.seed))
+    log(f"cluster: {c.image_size} px teacher ({c.width} wide, {c.image_size // c.patch}^2 tokens) as the encoder, "
+        f"k-means of {len(feats)} patch features into {tok.cfg.codebook_size} codes")
+    return tok
 
 
-class LabelsFlagBad(torch.utils.data.Dataset):
-    """Wraps a dataset so the label of an unreadable image (replaced by the next good one) becomes -1 - index: the
-    main process can then count skipped files even when DataLoader workers do the loading (labels are unused)."""
+def parse_overrides(text):
+    """'name=value;name=value' -> FQGANConfig fields, each value read as its default's type (tuples as 1,2,2)."""
+    fields, items = FQGANConfig.__dataclass_fields__, [s.strip().partition("=") for s in text.split(";") if s.strip()]
+    for key, eq, value in items:
+        if key not in fields or not value:
+            raise SystemExit(f"--model_overrides: bad item '{key}{eq}{value}' (name=value of a FQGANConfig field)")
+    return {key: convert(value, fields[key].default, f"model_overrides {key}") for key, _, value in items}
 
-    def __init__(self, ds):
-        self.ds = ds
 
-    def __len__(self):
-        return len(self.ds)
-
-    def set_epoch(self, epoch):
-        self.ds.set_epoch(epoch)
-
-    def __getitem__(self, i):
-        x, y = self.ds[i]
-        return x, (-1 - i) if i in getattr(self.ds, "bad", ()) else y
+def make_tokenizer(cfg, ckpt, log):
+    """The tokenizer of this run: from the resumed checkpoint, --init (a checkpoint, or cluster), or a preset."""
+    if ckpt or cfg.init not in ("", "cluster"):
+        src = cfg.init if not ckpt else "resumed checkpoint"
+        return build(FQGAN, ckpt or load_checkpoint(cfg.init, "fqgan"), src).train()
+    if cfg.init == "cluster":
+        return cluster_tokenizer(cfg, log)
+    try:
+        return FQGAN(config_from_preset(cfg.preset, **parse_overrides(cfg.model_overrides)))
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"--preset / --model_overrides: {e}") from None
 
 
 @torch.no_grad()
-def update_ema(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1.0 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
-
-
-@torch.no_grad()
-def evaluate(tok, images, d, batch_size, grid_path=None):
-    """Held-out PSNR (data range [0, 1], mean over images, summed over ranks) and, on rank 0, a PNG grid whose rows
-    are original | reconstruction | decoded from each sub-codebook alone."""
-    was_training = tok.training
+def evaluate(tok, images, s, batch_size, grid_path=None):
+    """Held-out PSNR (data range [0, 1], mean over images, summed over ranks), tokenizer in fp32, and on rank 0 a PNG
+    grid whose rows are original | reconstruction | decoded from each sub-codebook alone."""
+    was_training, K = tok.training, tok.cfg.n_codebooks
     tok.eval()
-    total, rows, K = torch.zeros(2, device=d.device), [], tok.cfg.n_codebooks
+    total = torch.zeros(2, device=s.device)
     for i, x in enumerate(images.split(batch_size)):
-        x = x.to(d.device)
-        with autocast(d.device_type):
-            idx = tok.encode(x)  # (B, K, h, w)
-            rec = tok.decode_indices(idx).float().clamp(-1, 1)
-            if i == 0 and grid_path:
-                alone = [tok.decode_indices(idx[:8], keep=[k]).float().clamp(-1, 1) for k in range(K)]
-                rows = torch.stack([x[:8], rec[:8], *alone], dim=1).flatten(0, 1)  # (8 * (2+K), 3, H, W)
+        x = x.to(s.device)
+        idx = tok.encode(x)  # (B, K, h, w)
+        rec = tok.decode_indices(idx).clamp(-1, 1)
+        if i == 0 and grid_path:
+            alone = [tok.decode_indices(idx[:8], keep=[k]).clamp(-1, 1) for k in range(K)]
+            rows = torch.stack([x[:8], rec[:8], *alone], dim=1).flatten(0, 1)  # (8 * (2+K), 3, H, W)
+            torchvision.utils.save_image(rows.cpu() * 0.5 + 0.5, grid_path, nrow=2 + K)
         mse = ((rec - x) / 2).pow(2).mean(dim=(1, 2, 3))  # (B,) in [0, 1] units
         total += torch.stack([(10 * torch.log10(1.0 / mse.clamp_min(1e-10))).sum(), mse.new_tensor(len(x))])
-    if d.world_size > 1:
-        dist.all_reduce(total)
-    if grid_path and len(rows):
-        torchvision.utils.save_image(rows.cpu() * 0.5 + 0.5, grid_path, nrow=2 + K)
     tok.train(was_training)
-    return (total[0] / total[1]).item()
+    return (s.all_reduce(total)[0] / total[1]).item()
 
 
 # ---- training
 
 def main(cfg):
-    """Train; returns {'step', 'psnr', 'history' (one dict per log line), 'bad_files', and the raw modules}."""
-    d = init_distributed(cfg.device)
-    try:
-        return train(cfg, d)
-    finally:
-        cleanup_distributed()
+    """Train; returns {'step', 'psnr', 'history' (a dict per log line), 'bad_files', 'tokenizer', 'heads', 'disc'}."""
+    with session(cfg.device) as s:
+        return train(cfg, s)
 
 
-def train(cfg, d):
-    log = Logger(cfg.out_dir, d.master)
-    use_compile = cfg.compile and d.device_type == "cuda"
-    path = Path(cfg.out_dir) / "ckpt.pt"
+def train(cfg, s):
+    log, path = Logger(cfg.out_dir, s.master), Path(cfg.out_dir) / "ckpt.pt"
     ckpt = load_checkpoint(path, "fqgan") if cfg.resume else None
-    # on resume the model comes from the checkpoint, every other setting from this command's flags
-    model_cfg = FQGANConfig(**ckpt["config"]) if ckpt else \
-        config_from_preset(cfg.preset, **parse_overrides(cfg.model_overrides))
-    K, grid = model_cfg.n_codebooks, model_cfg.image_size // 2 ** (len(model_cfg.ch_mult) - 1)
-    specs = teacher_specs(cfg, K)
-    if specs[0] is not None:
-        log(f"note: branch 0 (vis) gets teacher {specs[0]}; the paper never supervises it")
-    paths = cfg.teacher_paths * K if len(cfg.teacher_paths) == 1 else cfg.teacher_paths
-    if len(paths) != K:
-        raise SystemExit(f"--teacher_paths needs one entry per branch ({K}) or a single 'auto'")
-    log(f"device {d.device} | world size {d.world_size} | torch {torch.__version__} | compile {use_compile}")
+    use_compile = cfg.compile and s.device_type == "cuda"
+    log(f"device {s.device} | world size {s.world_size} | torch {torch.__version__} | compile {use_compile}")
     log(f"train config: {asdict(cfg)}")
-    log(f"model config: {asdict(model_cfg)}")
-    if ckpt:
-        diff = {k: (v, getattr(cfg, k)) for k, v in ckpt.get("train_config", {}).items()
-                if k not in ("resume", "max_steps", "out_dir") and getattr(cfg, k, v) != v}
-        if diff:
-            log(f"note: flags differ from the checkpoint's run (then, now): {diff}")
+    torch.manual_seed(cfg.seed)  # the same initial networks on every rank
+    tok = make_tokenizer(cfg, ckpt, log)
+    K, size = tok.cfg.n_codebooks, tok.cfg.image_size
+    names = teacher_names(cfg, K) if cfg.stage != "decoder" else {}  # the decoder stage learns pixels only
+    log(f"model config: {asdict(tok.cfg)}")
+    train_ds = make_dataset(cfg.data, size, "train", augment=True)
+    val_ds = make_dataset(cfg.val_data or cfg.data, size, "test")
+    pick = torch.linspace(0, len(val_ds) - 1, min(cfg.eval_images, len(val_ds))).long()[s.rank::s.world_size]
+    held_out = torch.stack([val_ds[int(i)][0] for i in pick])  # (n, 3, H, W), this rank's share
+    global_batch = cfg.batch_size * cfg.grad_accum * s.world_size
+    log(f"data {cfg.data}: {len(train_ds)} train images, {len(val_ds)} held-out | global batch {global_batch} = "
+        f"{cfg.batch_size} x {cfg.grad_accum} accum x {s.world_size} ranks")
 
-    # data (first, so a bad --data fails fast); the held-out images are fixed, each rank takes a share
-    train_ds = make_dataset(cfg.data, model_cfg.image_size, train=True)
-    val_ds = make_dataset(cfg.val_data or cfg.data, model_cfg.image_size, train=False)
-    pick = torch.linspace(0, len(val_ds) - 1, min(cfg.eval_images, len(val_ds))).long()[d.rank::d.world_size]
-    held_out = torch.stack([val_ds[int(i)][0] for i in pick])  # (n, 3, H, W)
-    global_batch = cfg.batch_size * cfg.grad_accum * d.world_size
-    log(f"data {cfg.data}: {len(train_ds)} train images, {len(val_ds)} held-out ({len(pick)} per rank used) | "
-        f"global batch {global_batch} = {cfg.batch_size} x {cfg.grad_accum} accum x {d.world_size} ranks")
-
-    # networks: same init on every rank (seed), then the frozen pretrained ones
-    torch.manual_seed(cfg.seed)
-    tokenizer = FQGAN(model_cfg)
-    teachers = {}
-    for k, spec in enumerate(specs):
-        if spec is not None:
-            try:
-                teachers[str(k)] = teacher(spec, path=None if paths[k] == "auto" else paths[k],
-                                           mode=cfg.teacher_resize, download=cfg.download)
-            except (KeyError, ValueError) as e:
-                raise SystemExit(f"--teachers: unknown teacher '{spec}' ({e}); use none, {', '.join(TEACHERS)}, "
-                                 "or a pretrained.teacher spec such as clip:ViT-B/16") from None
-            except FileNotFoundError as e:  # offline without the weight file: pretrained.py's one-line message
-                raise SystemExit(f"teacher of branch {k}: {e} (flag: --teacher_paths)") from None
-    heads = nn.ModuleDict({k: FeatPredHead(model_cfg.codebook_dim, t.width, grid * grid, cfg.rep_layers)
-                           for k, t in teachers.items()})
-    gen = Generator(tokenizer, heads).to(d.device)
-    disc = PatchGAN(cfg.disc_ndf, cfg.disc_layers).to(d.device)
-    lpips_name = cfg.lpips if cfg.lpips != "auto" else ("none" if cfg.preset == "tiny" else "vgg16")
-    # LPIPS stays in eval mode (pretrained.LPIPS ignores .train()): deterministic. The official loop put it in train
-    # mode, so its dropout was active and the loss stochastic.
     try:
-        lpips = None if lpips_name == "none" else lpips_vgg(lpips_name, cfg.lpips_vgg_path or None,
-                                                            cfg.lpips_lin_path or None, cfg.download).to(d.device)
-    except FileNotFoundError as e:
-        raise SystemExit(f"lpips: {e} (flags: --lpips_vgg_path, --lpips_lin_path, or --lpips=none)") from None
-    teachers = {k: t.to(d.device) for k, t in teachers.items()}
-    ema = copy.deepcopy(tokenizer).requires_grad_(False).eval() if cfg.ema else None
+        teachers = {k: teacher(n, p, cfg.download).to(s.device) for k, (n, p) in names.items()}
+        lpips_name = cfg.lpips if cfg.lpips != "auto" else ("none" if cfg.preset == "tiny" else "vgg16")
+        lpips = None if lpips_name == "none" or cfg.stage == "features" else lpips_vgg(
+            lpips_name, cfg.lpips_vgg_path or None, cfg.lpips_lin_path or None, cfg.download).to(s.device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{e} (flags --teachers / --teacher_paths / --lpips*)") from None
+    heads = nn.ModuleDict({k: FeatPredHead(tok.cfg.codebook_dim, t.width, tok.grid ** 2, cfg.rep_layers)
+                           for k, t in teachers.items()})
+    frozen = {"decoder": (tok.encoder, tok.branches, tok.quantizers), "features": (tok.post_quant_conv, tok.decoder)}
+    for m in frozen.get(cfg.stage, ()):  # decoder: only post_quant_conv + decoder learn; features: no decoder
+        m.requires_grad_(False)
+    gen, disc = Generator(tok, heads, cfg.stage).to(s.device), PatchGAN(cfg.disc_ndf, cfg.disc_layers).to(s.device)
+    opt = adamw(gen, cfg.lr, (cfg.beta1, cfg.beta2), 0.0, s.device_type)  # Adam: no weight decay (official)
+    opt_d = adamw(disc, cfg.lr, (cfg.beta1, cfg.beta2), 0.0, s.device_type)
     count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
-    log(f"parameters (M): tokenizer {count(tokenizer):.3f} | heads {count(heads):.3f} | discriminator "
-        f"{count(disc):.3f} | frozen: teachers {sum(count(t) for t in teachers.values()):.3f}, "
-        f"lpips {count(lpips) if lpips else 0:.3f} | teachers per branch {specs} | lpips {lpips_name}")
-    opt, opt_d = make_optimizer(gen, cfg, d.device_type), make_optimizer(disc, cfg, d.device_type)
-
+    log(f"parameters (M): tokenizer {count(tok):.3f} | heads {count(heads):.3f} | discriminator {count(disc):.3f} | "
+        f"teachers {names} | lpips {lpips_name} | stage {cfg.stage}")
     step = 0
     if ckpt:
-        for module, what in ((tokenizer, "model"), (heads, "heads"), (disc, "disc")):
-            load_strict(module, ckpt[what], f"cannot resume from {path}: its '{what}'")
-        if ema is not None:
-            load_strict(ema, ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"], f"{path}: its 'ema'")
+        heads.load_state_dict(ckpt["heads"])
+        disc.load_state_dict(ckpt["disc"])
         opt.load_state_dict(ckpt["opt"])
         opt_d.load_state_dict(ckpt["opt_disc"])
         step = ckpt["step"]
-        restore_rng(ckpt, d, cfg.seed, log)
+        restore_rng(ckpt, s, cfg.seed, log)
         log(f"resumed from {path} at step {step}")
         if step > cfg.max_steps:
-            raise SystemExit(f"checkpoint is at step {step}, beyond --max_steps={cfg.max_steps}: raise max_steps")
-        del ckpt
+            raise SystemExit(f"{path} is at step {step}, beyond --max_steps={cfg.max_steps}: raise --max_steps")
     else:
-        torch.manual_seed(cfg.seed + d.rank)
-
-    # compile after the optimizers, before DDP; raw modules stay in hand for saving, EMA and evaluation
+        torch.manual_seed(cfg.seed + s.rank)
+    # compile after the optimizers, before DDP; the raw modules stay in hand for saving and evaluation
     gen_c, disc_c = (torch.compile(gen), torch.compile(disc)) if use_compile else (gen, disc)
-    lpips_c = torch.compile(lpips) if use_compile and lpips is not None else lpips
-    teachers = {k: torch.compile(t) for k, t in teachers.items()} if use_compile else teachers
     gen_ddp, disc_ddp = gen_c, disc_c
-    if d.world_size > 1:
-        ids = [d.local_rank] if d.device_type == "cuda" else None
+    if s.world_size > 1:
+        ids = [s.local_rank] if s.device_type == "cuda" else None
         gen_ddp = DDP(gen_c, device_ids=ids, broadcast_buffers=False)  # no BatchNorm; usage windows stay per rank
         disc_ddp = DDP(disc_c, device_ids=ids)  # BatchNorm statistics broadcast from rank 0
+    data = batches(train_ds, cfg.batch_size, cfg.seed, s.rank, s.world_size, step * cfg.grad_accum, cfg.num_workers)
 
-    data = batches(LabelsFlagBad(train_ds), cfg.batch_size, cfg.seed, d.rank, d.world_size,
-                   start_step=step * cfg.grad_accum, num_workers=cfg.num_workers)  # order = f(micro-step)
-    first, last_layer = step, tokenizer.decoder.conv_out.weight
-    bad_files, history, psnr = set(), [], float("nan")
-    sums, n_sum, nonfinite = {}, 0, torch.zeros((), dtype=torch.bool, device=d.device)
-    t0 = time.time()
-
-    def check_finite(where):
-        flag = nonfinite.int()
-        if d.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
-            log(f"loss became NaN/inf before step {where}: stopping; the last good checkpoint {path} is kept")
-            raise SystemExit(f"non-finite loss before step {where}")
-
+    first, history, sums, bad, psnr, t0 = step, [], {}, 0, float("nan"), time.time()
     while True:
-        last, fresh = step == cfg.max_steps, step == 0 or step != first  # nothing new right after a resume
-        if (step % cfg.eval_interval == 0 and fresh) or last:  # held-out PSNR + grid (all ranks take part)
-            check_finite(step)
+        last = step == cfg.max_steps
+        if ((step % cfg.eval_interval == 0 and (step != first or step == 0)) or last) and cfg.stage != "features":
             t_eval = time.time()
-            psnr = evaluate(ema if ema is not None else tokenizer, held_out, d, cfg.batch_size,
-                            Path(cfg.out_dir) / f"recon_{step:07d}.png" if d.master else None)
-            log(f"step {step} | held-out PSNR {psnr:.2f} dB{' (EMA)' if ema is not None else ''}")
+            psnr = evaluate(tok, held_out, s, cfg.batch_size, Path(cfg.out_dir) / f"recon_{step:07d}.png"
+                            if s.master else None)
+            log(f"step {step} | held-out PSNR {psnr:.2f} dB")
             t0 += time.time() - t_eval
-        if (step % cfg.ckpt_interval == 0 and step > 0 and fresh) or last:
-            check_finite(step)
-            t_save = time.time()
+        if (step % cfg.ckpt_interval == 0 and step != first) or last:
             extra = dict(train_config=asdict(cfg), step=step, disc=disc.state_dict(), heads=heads.state_dict(),
-                         opt=opt.state_dict(), opt_disc=opt_d.state_dict(),
-                         ema=ema.state_dict() if ema is not None else None, **rng_states(d))
-            if d.master:
-                save_checkpoint(checkpoint_dict(tokenizer, **extra), path)
-            t0 += time.time() - t_save
+                         opt=opt.state_dict(), opt_disc=opt_d.state_dict(), **rng_states(s))
+            if s.master:
+                save_checkpoint(checkpoint_dict(tok, **extra), path)
         if last:
             break
-
-        # one optimizer step: generator (tokenizer + heads) on grad_accum micro-batches, then the discriminator
-        gan_on = step >= cfg.disc_start
-        lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.lr_decay)
-        for group in opt.param_groups + opt_d.param_groups:
-            group["lr"] = lr
-        disc.requires_grad_(False)  # the generator's GAN term must not train D
-        pairs, parts = [], {}
-        for micro in range(cfg.grad_accum):
-            _, _, x, y = next(data)
-            bad_files.update((-1 - y[y < 0]).tolist())
-            x = x.to(d.device, non_blocking=True)
-            if d.world_size > 1:
-                gen_ddp.require_backward_grad_sync = micro == cfg.grad_accum - 1
-            with autocast(d.device_type):
-                recon, aux, preds = gen_ddp(x)
-                terms = {"mse": F.mse_loss(recon.float(), x)}
-                rec = cfg.mse_weight * terms["mse"]
-                if lpips is not None:
-                    terms["lpips"] = lpips_c(x, recon).mean()
-                    rec = rec + cfg.lpips_weight * terms["lpips"]
-                loss = rec + aux["vq_total"]
-                terms["vq"], terms["dis"] = aux["vq_total"] - aux["disentangle_loss"], aux["disentangle_loss"]
-                for k, t in teachers.items():
-                    cls_t, patch_t = t(x)  # (B, W), (B, N, W): targets from the ORIGINAL image, no gradient
-                    terms[f"rep{k}"] = rep_loss(cfg.rep_loss, preds[k], cls_t, patch_t, cfg.rep_temperature)
-                    loss = loss + cfg.rep_weight * terms[f"rep{k}"]
-                if gan_on:
-                    terms["gan"] = -disc_c(recon).float().mean()
-                    w = cfg.disc_weight * (adaptive_weight(rec, terms["gan"], last_layer) if cfg.disc_adaptive else 1)
-                    loss = loss + w * terms["gan"]
-            (loss / cfg.grad_accum).backward()
-            pairs.append((x, recon.detach()))
-            terms["loss"] = loss
-            for k, v in terms.items():  # detached micro-step mean
-                parts[k] = parts.get(k, 0) + v.detach().float() / cfg.grad_accum
-            nonfinite |= ~torch.isfinite(loss.detach())
-        norm = torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip or float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            update_ema(ema, tokenizer, cfg.ema_decay)
-        if gan_on:  # hinge loss on real images and the detached reconstructions
-            disc.requires_grad_(True)
-            for micro, (x, fake) in enumerate(pairs):
-                if d.world_size > 1:
-                    disc_ddp.require_backward_grad_sync = micro == cfg.grad_accum - 1
-                with autocast(d.device_type):
-                    d_loss = cfg.disc_weight * hinge_d_loss(disc_ddp(x).float(), disc_ddp(fake).float())
-                (d_loss / cfg.grad_accum).backward()
-            torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip or float("inf"))
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
-            parts["d"] = d_loss.detach().float()
-            nonfinite |= ~torch.isfinite(d_loss.detach())
+        micro = [next(data)[1:] for _ in range(cfg.grad_accum)]
+        bad += sum(int((y < 0).sum()) for _, y in micro)
+        micro = [(x[y >= 0].to(s.device, non_blocking=True), y) for x, y in micro]  # skip unreadable images
+        if any(len(x) == 0 for x, _ in micro):
+            raise SystemExit("a whole batch of unreadable images: check the files under --data")
+        parts, stats = train_step(cfg, s, step, micro, (gen, gen_ddp, opt), (disc, disc_ddp, disc_c, opt_d),
+                                  teachers, lpips)
         step += 1
-
         for k, v in parts.items():  # running (sum, count) of detached tensors; .item() only on log steps
-            total, count = sums.get(k, (0, 0))
-            sums[k] = (total + v, count + 1)
-        n_sum += 1
+            sums[k] = (sums.get(k, (0, 0))[0] + v, sums.get(k, (0, 0))[1] + 1)
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            check_finite(step)
-            if d.device_type == "cuda":
+            if s.device_type == "cuda":
                 torch.cuda.synchronize()
-            dt = time.time() - t0
-            losses = {k: (total / count).item() for k, (total, count) in sums.items()}
-            usage, ppl = aux["usage"].tolist(), aux["perplexity"].tolist()  # per sub-codebook, last micro-batch
-            row = dict(step=step, **losses, usage=usage, perplexity=ppl, lr=lr, grad_norm=norm.item(),
-                       img_per_s=n_sum * global_batch / dt)
+            dt, n = time.time() - t0, sums["loss"][1]
+            losses = {k: (total / c).item() for k, (total, c) in sums.items()}
+            if not all(map(math.isfinite, losses.values())):
+                raise SystemExit(f"loss became NaN/inf before step {step}: stopping; {path} keeps the last good state")
+            row = dict(step=step, **losses, usage=stats["usage"].tolist(), perplexity=stats["perplexity"].tolist(),
+                       img_per_s=n * global_batch / dt)
             history.append(row)
             log(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in losses.items())
-                + f" | usage {','.join(f'{u:.2f}' for u in usage)} ppl {','.join(f'{p:.0f}' for p in ppl)}"
-                + f" | lr {lr:.2e} | gnorm {row['grad_norm']:.3f} | {1000 * dt / n_sum:.0f} ms/step"
-                + f" | {row['img_per_s']:.1f} img/s" + (f" | skipped files {len(bad_files)}" if bad_files else ""))
-            sums, n_sum, t0 = {}, 0, time.time()
+                + f" | usage {','.join(f'{u:.2f}' for u in row['usage'])} ppl "
+                + ",".join(f"{p:.0f}" for p in row["perplexity"]) + f" | {1000 * dt / n:.0f} ms/step"
+                + f" | {row['img_per_s']:.1f} img/s" + (f" | skipped unreadable files {bad}" if bad else ""))
+            sums, t0 = {}, time.time()
+    log(f"done: step {step} | held-out PSNR {psnr:.2f} dB | checkpoint {path}")
+    return {"step": step, "psnr": psnr, "history": history, "bad_files": bad, "tokenizer": tok, "heads": heads,
+            "disc": disc}
 
-    log(f"done: step {step} | held-out PSNR {psnr:.2f} dB | checkpoint {path}"
-        + (f" | skipped unreadable files: {len(bad_files)} (rank 0)" if hasattr(train_ds, "bad") else ""))
-    return {"step": step, "psnr": psnr, "history": history, "bad_files": len(bad_files), "tokenizer": tokenizer,
-            "heads": heads, "disc": disc, "ema": ema}
+
+def train_step(cfg, s, step, micro, generator, discriminator, teachers, lpips):
+    """One optimizer step: the generator (tokenizer + heads) over the micro-batches, then, once the GAN is on, the
+    discriminator on the same images and detached reconstructions. -> (detached means of the loss terms, the last
+    micro-batch's usage and perplexity per sub-codebook)."""
+    (gen, gen_ddp, opt), (disc, disc_ddp, disc_c, opt_d) = generator, discriminator
+    disc.requires_grad_(False)  # the generator's GAN term must not train D
+    parts, fakes, n = {}, [], len(micro)
+    for i, (x, _) in enumerate(micro):
+        if hasattr(gen_ddp, "require_backward_grad_sync"):
+            gen_ddp.require_backward_grad_sync = i == n - 1
+        with s.autocast():
+            recon, aux, preds = gen_ddp(x)
+            loss, terms = generator_loss(x, recon, aux, preds, teachers, step, cfg, disc_c, lpips)
+        (loss / n).backward()
+        fakes.append(None if recon is None else recon.detach())
+        for k, v in dict(terms, loss=loss).items():
+            parts[k] = parts.get(k, 0) + v.detach().float() / n
+    torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip or float("inf"))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if gan_weight(step, cfg) and fakes[0] is not None:  # hinge loss on real images and detached reconstructions
+        disc.requires_grad_(True)
+        for i, ((x, _), fake) in enumerate(zip(micro, fakes)):
+            if hasattr(disc_ddp, "require_backward_grad_sync"):
+                disc_ddp.require_backward_grad_sync = i == n - 1
+            with s.autocast():
+                d_loss = discriminator_loss(disc_ddp, x, fake, step, cfg)
+            (d_loss / n).backward()
+            parts["d"] = parts.get("d", 0) + d_loss.detach().float() / n
+        torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip or float("inf"))
+        opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
+    return parts, {k: aux[k].detach() for k in ("usage", "perplexity")}
 
 
 if __name__ == "__main__":
-    main(parse_config(TrainConfig))
+    cli(main, TrainConfig)
