@@ -256,16 +256,27 @@ def rng_states(s):
     return {"rng": [torch.stack(parts) for parts in zip(*every)]}
 
 
-def restore_rng(ckpt, s, seed, log):
-    """Put back this rank's generator states; a run resumed on another number of processes is reseeded (it then no
-    longer matches the uninterrupted run exactly, and says so)."""
-    states = ckpt["rng"]
+def resume(ckpt, parts, s, cfg, path, log):
+    """Start a run: fresh (ckpt None: seed + rank) or resumed: load_state_dict of each parts[key] from ckpt[key], put
+    back this rank's generator states (a run resumed on another number of processes is reseeded: it then no longer
+    matches the uninterrupted run exactly, and says so). -> the step to start at."""
+    if not ckpt:
+        torch.manual_seed(cfg.seed + s.rank)
+        return 0
+    for key, obj in parts.items():
+        obj.load_state_dict(ckpt[key])
+    step, states = ckpt["step"], ckpt["rng"]
+    log(f"resumed from {path} at step {step}")
+    if step > cfg.max_steps:
+        raise SystemExit(f"{path} is at step {step}, beyond --max_steps={cfg.max_steps}: raise --max_steps")
     if states[0].shape[0] != s.world_size:
         log(f"note: checkpoint from {states[0].shape[0]} processes, resumed on {s.world_size}: RNG reseeded")
-        return torch.manual_seed(seed + s.rank + ckpt["step"])
+        torch.manual_seed(cfg.seed + s.rank + step)
+        return step
     torch.set_rng_state(states[0][s.rank])
     if s.device_type == "cuda" and len(states) > 1:
         torch.cuda.set_rng_state(states[1][s.rank])
+    return step
 
 
 def image_seed(seed, i):

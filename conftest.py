@@ -87,3 +87,16 @@ def tiny_far(K=2, seed=0, random_head=True, **overrides):
         for out in model.lm_head:
             torch.nn.init.normal_(out.weight, std=0.2)
     return model.eval()
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """The torch hub cache in tmp_path and no network: -> the list of URLs a download tried (each fails)."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    tried = []
+
+    def no_network(url, dst, *args, **kwargs):
+        tried.append(url)
+        raise OSError("offline")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return tried

@@ -95,14 +95,8 @@ def test_loader_strict_and_num_batches_tracked(fixture_weights, tmp_path):
         assert key in str(e.value), key
 
 
-def test_missing_weights_one_line_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    calls = []
-
-    def offline(url, dst, *a, **k):
-        calls.append(url)
-        raise OSError("network unreachable")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+def test_missing_weights_one_line_error(tmp_path, offline_hub):
+    calls = offline_hub
     url = P.WEIGHT_URLS[FID_FILE]
     with pytest.raises(FileNotFoundError) as e:
         P.feature_net("inception")  # default: never fetches

@@ -174,15 +174,8 @@ def test_dinov2_real_layout(name, layouts):
     (lambda tmp: P.teacher("clip_b16", download=True), "ViT-B-16.pt", "checkpoints", "failed (OSError)"),
     (lambda tmp: P.feature_net("inception"), "pt_inception-2015-12-05-6726825d.pth", "checkpoints", "--net_path"),
 ])
-def test_missing_file_one_line_error(build, fname, where, fix, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    tried = []
-
-    def no_network(url, dst, *args, **kwargs):
-        tried.append(url)
-        raise OSError("offline")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+def test_missing_file_one_line_error(build, fname, where, fix, tmp_path, offline_hub):
+    tried = offline_hub
     with pytest.raises(FileNotFoundError) as e:
         build(tmp_path)
     msg = str(e.value)

@@ -35,7 +35,7 @@ import torchvision
 import torchvision.transforms.functional as TF
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (Logger, adamw, build, check, cli, get_lr, load_checkpoint, restore_rng, rng_states,
+from common import (Logger, adamw, build, check, cli, get_lr, load_checkpoint, resume, rng_states,
                     save_checkpoint, save_json, session)
 from data import make_dataset
 from far import FAR, PRESETS, FARConfig, checkpoint_dict
@@ -224,7 +224,7 @@ def train(cfg, s):
     K, V, T = tok.cfg.n_codebooks, tok.cfg.codebook_size, tok.grid ** 2
     meta = code_meta(tok, cfg.tokenizer)
     log(f"tokenizer {cfg.tokenizer}: K={K} x V={V}, {tok.grid}x{tok.grid} tokens, fingerprint {meta['fingerprint']}")
-    ckpt, step = (load_checkpoint(path, "far"), 0) if cfg.resume else (None, 0)
+    ckpt = load_checkpoint(path, "far") if cfg.resume else None
     if ckpt:  # everything about the checkpoint is checked before any image is encoded
         resumed = build(FAR, ckpt, path)
         if ckpt.get("tokenizer_fingerprint") != meta["fingerprint"]:
@@ -255,15 +255,7 @@ def train(cfg, s):
     log(f"parameters: FAR {sum(p.numel() for p in raw.parameters()) / 1e6:.3f} M | tokenizer (frozen) "
         f"{sum(p.numel() for p in tok.parameters()) / 1e6:.3f} M")
     opt = adamw(raw, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, s.device_type)
-    if ckpt:
-        opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-        restore_rng(ckpt, s, cfg.seed, log)
-        log(f"resumed from {path} at step {step}")
-        if step > cfg.max_steps:
-            raise SystemExit(f"{path} is at step {step}, beyond --max_steps={cfg.max_steps}: raise --max_steps")
-    else:
-        torch.manual_seed(cfg.seed + s.rank)
+    step = resume(ckpt, {"opt": opt}, s, cfg, path, log)
     model = torch.compile(raw) if use_compile else raw
     if s.world_size > 1:
         model = DDP(model, device_ids=[s.local_rank] if s.device_type == "cuda" else None)

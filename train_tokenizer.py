@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (Logger, adamw, build, check, cli, convert, load_checkpoint, restore_rng, rng_states,
+from common import (Logger, adamw, build, check, cli, convert, load_checkpoint, resume, rng_states,
                     save_checkpoint, session)
 from data import batches, make_dataset
 from fqgan import PRESETS as FQGAN_PRESETS
@@ -375,19 +375,7 @@ def train(cfg, s):
     count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
     log(f"parameters (M): tokenizer {count(tok):.3f} | heads {count(heads):.3f} | discriminator {count(disc):.3f} | "
         f"teachers {names} | lpips {lpips_name} | stage {cfg.stage}")
-    step = 0
-    if ckpt:
-        heads.load_state_dict(ckpt["heads"])
-        disc.load_state_dict(ckpt["disc"])
-        opt.load_state_dict(ckpt["opt"])
-        opt_d.load_state_dict(ckpt["opt_disc"])
-        step = ckpt["step"]
-        restore_rng(ckpt, s, cfg.seed, log)
-        log(f"resumed from {path} at step {step}")
-        if step > cfg.max_steps:
-            raise SystemExit(f"{path} is at step {step}, beyond --max_steps={cfg.max_steps}: raise --max_steps")
-    else:
-        torch.manual_seed(cfg.seed + s.rank)
+    step = resume(ckpt, dict(heads=heads, disc=disc, opt=opt, opt_disc=opt_d), s, cfg, path, log)
     # compile after the optimizers, before DDP; the raw modules stay in hand for saving and evaluation
     gen_c, disc_c = (torch.compile(gen), torch.compile(disc)) if use_compile else (gen, disc)
     gen_ddp, disc_ddp = gen_c, disc_c
