@@ -1,0 +1,15 @@
+"""bench.py on its micro preset (CPU): every figure of every line is printed, finite and positive."""
+import math
+import re
+
+import bench
+
+
+def test_bench_micro_prints_every_figure():
+    lines = "\n".join(bench.main(bench.BenchConfig(preset="micro", repeats=1, device="cpu")))
+    for what in ("tokenizer train step", "tokenizer encode / decode", "FAR train step", "tokens/s",
+                 "FAR sampling", "batch 1,", "batch 2,", "images/s", "sub-tokens/s", "first call", "peak RSS"):
+        assert what in lines, (what, lines)
+    rates = re.findall(r"(\d[\d,]*\.?\d*) (?:img|images|tokens|sub-tokens)/s", lines)
+    numbers = [float(x.replace(",", "")) for x in rates]
+    assert len(numbers) >= 7 and all(math.isfinite(n) and n > 0 for n in numbers), lines
