@@ -3,6 +3,7 @@ The image datasets of every script: make_dataset(data, image_size, split, augmen
 dataset-fashion-mnist), an ImageFolder tree (ADM crops) or synthetic images; items (image (3, S, S) in [-1, 1], label),
 (zeros, -1) for an unreadable image (callers skip it). batches(): order = a pure function of the step (exact resume).
 """
+import functools
 import gzip
 import hashlib
 import math
@@ -108,16 +109,23 @@ class ImageFolder(torch.utils.data.Dataset):
         return torch.from_numpy(np.asarray(img, np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1, label
 
 
+@functools.lru_cache(maxsize=4)
+def fashion_tensors(train, image_size):
+    """Fashion-MNIST as (images (N, 1, S, S) in [-1, 1], labels (N,)), decoded and resized once per process (the
+    resize of 60k images costs seconds; callers index it, never write to it)."""
+    x, y = fashion_mnist(train)
+    x = torch.from_numpy(x.copy()).float().div(127.5).sub(1).unsqueeze(1)  # (N, 1, 28, 28)
+    if image_size != 28:
+        x = torch.cat([F.interpolate(c, size=image_size, mode="bicubic", antialias=True).clamp(-1, 1)
+                       for c in x.split(4096)])
+    return x, torch.from_numpy(y)
+
+
 def make_dataset(data, image_size, split="train", augment=False):
     """--data = 'fashion-mnist' | 'synthetic' | PATH of an ImageFolder (its own split); split 'train' | 'test'. Fashion-
     MNIST is resized 28 -> image_size (bicubic, antialiased); augment = random flips (ADM crops for a folder)."""
     if data == "fashion-mnist":
-        x, y = fashion_mnist(split == "train")
-        x = torch.from_numpy(x.copy()).float().div(127.5).sub(1).unsqueeze(1)  # (N, 1, 28, 28)
-        if image_size != 28:
-            x = torch.cat([F.interpolate(c, size=image_size, mode="bicubic", antialias=True).clamp(-1, 1)
-                           for c in x.split(4096)])
-        return Tensors(x, torch.from_numpy(y), flip=augment)
+        return Tensors(*fashion_tensors(split == "train", image_size), flip=augment)
     if data == "synthetic":  # smooth random images with random labels: tests and benchmarks, no files
         g = torch.Generator().manual_seed(0 if split == "train" else 1)
         n = 256 if split == "train" else 64
