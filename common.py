@@ -184,7 +184,7 @@ def load_checkpoint(path, kind):
     that names the file and the fix. An official tokenizer file (no 'kind') passes as kind 'fqgan'."""
     fix = f"pass a checkpoint written by {WRITERS[kind]}"
     if not Path(path).is_file():
-        raise SystemExit(f"checkpoint {path} not found: check the path, or {fix}")
+        raise SystemExit(f"checkpoint {path} not found: check the path, or create it with `python {WRITERS[kind]}`")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

@@ -168,7 +168,6 @@ class EvalConfig:
     save_npz: str = ""              # rfid: reconstructions, gfid: samples (+ labels), stats: the images, as ADM npz
     out: str = ""                   # results JSON ('' = <ckpt or samples>.<mode>.json); stats: the npz
     num_samples: int = 50000        # gfid: images to generate
-    labels: str = "random"          # gfid: 'random' (uniform, seeded by --seed) | 'balanced' (label = i mod classes)
     cfg_scale: float = 2.0          # gfid: classifier-free guidance scale (paper: 2.0)
     temperature: float = 1.0        # gfid: sampling temperature
     top_k: int = 0                  # gfid: top-k filter (0 = off)
@@ -185,8 +184,7 @@ class EvalConfig:
 
     def __post_init__(self):
         check(self, positive="batch_size num_samples is_splits cfg_scale temperature top_p", unit="top_p",
-              mode=("rfid", "gfid", "stats"), split=("test", "train"), labels=("random", "balanced"),
-              net=("inception", "fmnist", "random"))
+              mode=("rfid", "gfid", "stats"), split=("test", "train"), net=("inception", "fmnist", "random"))
 
 
 def per_rank(cfg, s, n, step, desc, data=None):
@@ -276,9 +274,8 @@ def gfid(cfg, s, net, ref, log):
     elif cfg.ckpt:
         far, tok = load_generator(cfg.ckpt, s.device, tokenizer=cfg.tokenizer or None)
         n, classes = cfg.num_samples, far.cfg.num_classes
-        labels = (torch.arange(n) % classes if cfg.labels == "balanced" else
-                  torch.randint(classes, (n,), generator=torch.Generator().manual_seed(cfg.seed))).numpy()
-        log(f"gfid: {n} samples of {cfg.ckpt} | labels {cfg.labels} over {classes} classes | cfg {cfg.cfg_scale} | "
+        labels = torch.randint(classes, (n,), generator=torch.Generator().manual_seed(cfg.seed)).numpy()  # uniform
+        log(f"gfid: {n} samples of {cfg.ckpt} | random labels over {classes} classes | cfg {cfg.cfg_scale} | "
             f"temperature {cfg.temperature} top_k {cfg.top_k} top_p {cfg.top_p} | seed {cfg.seed}")
     else:
         raise SystemExit("--mode=gfid needs --ckpt=FAR_CHECKPOINT or --samples=SAMPLES.npz")
@@ -344,10 +341,7 @@ def evaluate(cfg, s):
                 "(smoke tests only)"] if cfg.net == "random" else []
     if s.world_size > 1 and not s.master:
         dist.barrier()  # rank 0 fetches the weights first (when --download=true)
-    try:
-        net = feature_net(cfg.net, cfg.net_path or None, cfg.download).to(s.device)
-    except FileNotFoundError as e:
-        raise SystemExit(str(e)) from None
+    net = feature_net(cfg.net, cfg.net_path or None, cfg.download).to(s.device)
     if s.world_size > 1 and s.master:
         dist.barrier()
     ref = load_ref_stats(cfg.ref) if cfg.ref and cfg.mode != "stats" else None

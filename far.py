@@ -3,24 +3,20 @@ FAR: the factorized autoregressive generator of "Factorized Visual Tokenization 
 (Bai et al., arXiv 2411.16681), a LlamaGen class-conditional GPT (Sun et al., arXiv 2406.06525) over FQGAN codes.
 
     label -> [class token, agg(e_1(x_1,0)..e_K(x_K,0)), ..., agg(.. position T-2 ..)] -> n_layer blocks -> h_t
-    h_t   -> per position t, a tiny causal transformer (head_layers blocks) over
-             [h_t, e_1(x_1,t), ..., e_{K-1}(x_{K-1},t)] -> shared final RMSNorm
-          -> output_k on head token k predicts sub-token k of position t (k = 0 is "vis", then the semantic ones)
+    h_t   -> per position t, a tiny causal transformer (head_layers blocks) over [h_t, e_1(x_1,t), ..,
+             e_{K-1}(x_{K-1},t)] -> shared final RMSNorm -> output_k on head token k predicts sub-token k of position t
 
-The tables e_k are shared by the input aggregation and the head. Loss = mean_k CE_k. head='linear' / 'mlp': K
-independent classifiers on norm(h_t) instead of the AR head (Table 4 ablation). The class token's RoPE entry is cos=0,
-sin=0 (its q and k are zero), as in LlamaGen and the official FAR: needed for parity with the official numbers.
-
-generate() preallocates the backbone and head KV caches for the whole image and runs one static-shape step per
-position (backbone, then K head steps with CFG u + s (c - u) and sampling): it compiles once (on CUDA: a CUDA graph).
-Each token is drawn by the inverse CDF at a uniform from its image's own seed: an image does not depend on its batch.
-Official state dicts (tok_embeddings_1, output_1, aggregation_layer, layers.i, ar_head.i, ..): load_official_state_dict.
+The tables e_k are shared by the input aggregation and the head; loss = mean_k CE_k. head='linear' / 'mlp': K
+independent classifiers on norm(h_t) instead (Table 4). The class token's RoPE entry is cos = sin = 0 (LlamaGen and
+the official FAR; needed for parity). generate(): static KV caches for the whole image, one static-shape step per
+position (compiles once; a CUDA graph on CUDA); every token drawn by the inverse CDF at a uniform from its image's seed.
 
 Shape legend: B batch, K sub-codebooks, T tokens per image (block_size = side*side, raster order), V entries per
 sub-codebook, D width (n_embd), H heads, hd = D/H head dim, L tokens fed in one call, N = B or 2B under CFG.
 Codes are (B, K, T) int64: idx[b, k, t] = sub-token k of image position t. Logits are (B, K, T, V) float32.
 """
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -300,30 +296,26 @@ def checkpoint_dict(model, **extra):
 
 # ---- official FAR state dicts (showlab/FQGAN autoregressive/models/far_{dual,triple}.py)
 
-OFFICIAL_RULES = [("cls_embedding.embedding_table.", "cls_emb."), ("aggregation_layer.", "agg."), ("norm.", "norm."),
-                  ("layers.", "blocks."), ("ar_head.", "head_blocks.")]  # (official prefix, our prefix)
-OFFICIAL_BLOCK = {"attention.wqkv.": "attn.wqkv.", "attention.wo.": "attn.wo.", "feed_forward.": "ffn.",
-                  "attention_norm.": "attn_norm.", "ffn_norm.": "ffn_norm."}
+OFFICIAL_NAMES = [(r"^cls_embedding\.embedding_table\.", "cls_emb."), (r"^aggregation_layer\.", "agg."),
+                  (r"^layers\.", "blocks."), (r"^ar_head\.", "head_blocks."), (r"\.attention\.", ".attn."),
+                  (r"\.attention_norm\.", ".attn_norm."), (r"\.feed_forward\.", ".ffn.")]  # (official, ours), in order
 
 
 def official_key(key):
-    """Our name for an official key (tok_embeddings_2.weight -> wte.1.weight); unknown keys stay for load_state_dict."""
-    for stem, ours in (("tok_embeddings_", "wte."), ("output_", "lm_head.")):
-        num, _, rest = key.removeprefix(stem).partition(".")
-        if key.startswith(stem) and num.isdigit():
-            return f"{ours}{int(num) - 1}.{rest}"  # official numbering starts at 1
-    for a, b in OFFICIAL_RULES:
-        if key.startswith(a):
-            i, _, part = key[len(a):].partition(".")
-            new = next((o + part[len(p):] for p, o in OFFICIAL_BLOCK.items() if part.startswith(p)), None)
-            return b + key[len(a):] if b in ("cls_emb.", "agg.", "norm.") else f"{b}{i}.{new}" if new else key
+    """Our name for an official key: tok_embeddings_2.weight -> wte.1.weight (official numbering starts at 1),
+    layers.0.attention.wo.weight -> blocks.0.attn.wo.weight."""
+    key = re.sub(r"^(tok_embeddings|output)_(\d+)\.", lambda m: f"{'wte' if m[1] == 'tok_embeddings' else 'lm_head'}."
+                 f"{int(m[2]) - 1}.", key)
+    for pattern, ours in OFFICIAL_NAMES:
+        key = re.sub(pattern, ours, key)
     return key
 
 
 def load_official_state_dict(model, sd):
-    """Load an official FAR state dict (or a checkpoint dict holding it under 'model') into model, strictly."""
-    sd = sd["model"] if isinstance(sd.get("model"), dict) else sd
-    model.load_state_dict({official_key(k): v for k, v in sd.items()})
+    """Load an official FAR state dict (or a checkpoint dict holding it under 'model') into model, strictly; a key
+    we do not know keeps its official name in the error."""
+    sd, ours = sd["model"] if isinstance(sd.get("model"), dict) else sd, model.state_dict()
+    model.load_state_dict({official_key(k) if official_key(k) in ours else k: v for k, v in sd.items()})
 
 
 # ---- presets (data, not code): FARConfig(**PRESETS[name], n_codebooks=K, codebook_size=V, block_size=T)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import load_checkpoint
 from fqgan import ResidualAttentionBlock, ViT
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -40,7 +41,7 @@ TRAINED_HERE = {"teacher": "out/teacher/ckpt.pt", "featnet": "out/featnet/ckpt.p
 
 # ---- weight files
 
-def weight_file(fname, path=None, download=False, flag="path"):
+def weight_file(fname, path, download, flag):
     """`path`, else torch.hub.get_dir()/checkpoints/fname (downloaded if download); absent: a one-line error."""
     url, given = WEIGHT_URLS.get(fname), path is not None
     path = str(path) if given else os.path.join(torch.hub.get_dir(), "checkpoints", fname)
@@ -49,12 +50,12 @@ def weight_file(fname, path=None, download=False, flag="path"):
         try:
             torch.hub.download_url_to_file(url, path)
         except Exception as e:  # offline, proxy, truncated transfer
-            raise FileNotFoundError(f"downloading {fname} from {url} failed ({type(e).__name__}): put the file at "
-                                    f"{path} or pass {flag}=...") from None
+            raise SystemExit(f"downloading {fname} from {url} failed ({type(e).__name__}): put the file at {path} "
+                             f"or pass {flag}=...") from None
     if not os.path.exists(path):
         fix = f"given as {flag}" if given else f"download {url} to that path (torch.hub.get_dir()/checkpoints), " \
                                                f"pass {flag}=..., or run with --download=true"
-        raise FileNotFoundError(f"weight file {fname} not found at {path}: {fix}")
+        raise SystemExit(f"weight file {fname} not found at {path}: {fix}")
     return path
 
 
@@ -74,7 +75,7 @@ def load_weights(model, sd, source, prefix=""):
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
-        raise ValueError(f"{source} (keys under '{prefix}'): {e}") from None
+        raise SystemExit(f"{source} (keys under '{prefix}'): {e}") from None
     return model.requires_grad_(False).eval()
 
 
@@ -134,7 +135,7 @@ def clip_vit(name="ViT-B/16", path=None, download=False):
     kwargs, fname = CLIP_PRESETS[name]
     if fname is None and path is None:
         return CLIPVision(CLIPConfig(**kwargs)).requires_grad_(False).eval()  # random weights
-    path = weight_file(fname or os.path.basename(path), path, download)  # fail before building a large model
+    path = weight_file(fname or os.path.basename(path), path, download, "--teacher_paths")  # before building it
     sd = {k: v for k, v in read_state_dict(path).items() if k.startswith("visual.")}  # text tower ignored
     return load_weights(CLIPVision(CLIPConfig(**kwargs)), sd, path, prefix="visual.")
 
@@ -234,7 +235,7 @@ def dinov2(name="vits14", path=None, download=False):
     if name == "tiny" and path is None:
         return DINOv2(cfg).requires_grad_(False).eval()  # random weights
     fname = f"dinov2_{name.removesuffix('_reg')}{'_reg4' if name.endswith('_reg') else ''}_pretrain.pth"
-    path = weight_file(fname, path, download)
+    path = weight_file(fname, path, download, "--teacher_paths")
     return load_weights(DINOv2(cfg), read_state_dict(path), path)
 
 
@@ -283,14 +284,9 @@ def checkpoint_dict(model, kind, **extra):  # what train_classifier.py saves; ki
 
 
 def trained_here(kind, path=None):
-    """The teacher / featnet checkpoint written by train_classifier.py, frozen; one line with the command if absent."""
+    """The teacher / featnet network written by train_classifier.py, frozen (errors: common.load_checkpoint's)."""
     path = path or TRAINED_HERE[kind]
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{kind} checkpoint {path} not found: create it with `python train_classifier.py "
-                                f"--net={kind}` (about 3 minutes on 2 CPU cores), or pass its path")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("kind") != kind:
-        raise ValueError(f"{path} is a {ckpt.get('kind')!r} checkpoint, not a {kind!r} one")
+    ckpt = load_checkpoint(path, kind)
     return load_weights(Classifier(ClassifierConfig(**ckpt["config"])), ckpt["model"], path)
 
 
@@ -333,7 +329,7 @@ TEACHERS = {  # --teachers name -> builder(path, download)
 def teacher(name, path=None, download=False):
     """A Teacher by --teachers name (TEACHERS); path = its weight file (None: the default place)."""
     if name not in TEACHERS:
-        raise ValueError(f"unknown teacher '{name}': choose none or one of {', '.join(TEACHERS)}")
+        raise SystemExit(f"unknown teacher '{name}': choose none or one of {', '.join(TEACHERS)}")
     return Teacher(TEACHERS[name](path, download))
 
 
@@ -389,8 +385,8 @@ def lpips_vgg(name="vgg16", vgg_path=None, lin_path=None, download=False):
     """Frozen LPIPS: 'vgg16' = torchvision ImageNet VGG16 trunk + LPIPS v0.1 lin weights; 'tiny' = random, 1/8 width."""
     if name == "tiny":
         return LPIPS(ch_div=8).requires_grad_(False).eval()
-    vgg_path = weight_file("vgg16-397923af.pth", vgg_path, download, flag="--lpips_vgg_path")
-    lin_path = weight_file("vgg.pth", lin_path, download, flag="--lpips_lin_path")
+    vgg_path = weight_file("vgg16-397923af.pth", vgg_path, download, "--lpips_vgg_path")
+    lin_path = weight_file("vgg.pth", lin_path, download, "--lpips_lin_path")
     model = LPIPS()
     sd = {k: v for k, v in read_state_dict(vgg_path).items() if not k.startswith("classifier.")}  # head unused
     load_weights(model.features, sd, vgg_path, prefix="features.")
@@ -518,6 +514,6 @@ def feature_net(name="inception", path=None, download=False):
                     nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             nn.init.normal_(model.fc.weight, std=2048 ** -0.5)
             return model
-    path = weight_file("pt_inception-2015-12-05-6726825d.pth", path, download, flag="--net_path")
+    path = weight_file("pt_inception-2015-12-05-6726825d.pth", path, download, "--net_path")
     sd = torch.load(path, map_location="cpu", weights_only=True)  # num_batches_tracked: accepted with or without it
     return load_weights(model, {**{k: v for k, v in model.state_dict().items() if "num_batches" in k}, **sd}, path)

@@ -88,7 +88,7 @@ def test_loader_strict_and_num_batches_tracked(fixture_weights, tmp_path):
     bad["fc.extra"] = torch.zeros(1)
     bad["fc.bias"] = torch.zeros(1000)
     torch.save(bad, tmp_path / "b.pth")
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(SystemExit) as e:
         P.feature_net("inception", path=str(tmp_path / "b.pth"))
     assert str(e.value).startswith(f"{tmp_path / 'b.pth'} (keys under ''): ")
     for key in ['"Mixed_6b.branch7x7_2.conv.weight"', '"fc.extra"', "size mismatch for fc.bias"]:
@@ -98,15 +98,15 @@ def test_loader_strict_and_num_batches_tracked(fixture_weights, tmp_path):
 def test_missing_weights_one_line_error(tmp_path, offline_hub):
     calls = offline_hub
     url = P.WEIGHT_URLS[FID_FILE]
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(SystemExit) as e:
         P.feature_net("inception")  # default: never fetches
     msg = str(e.value)
     assert calls == [] and "--download=true" in msg and "--net_path=..." in msg and url in msg
     assert "\n" not in msg and str(tmp_path / "checkpoints" / FID_FILE) in msg
-    with pytest.raises(FileNotFoundError, match=f"downloading {FID_FILE} .* failed \\(OSError\\)") as e:
+    with pytest.raises(SystemExit, match=f"downloading {FID_FILE} .* failed \\(OSError\\)") as e:
         P.feature_net("inception", download=True)
     assert calls == [url] and "\n" not in str(e.value)
-    with pytest.raises(FileNotFoundError, match="nowhere.pth: given as --net_path"):  # a given path: no download
+    with pytest.raises(SystemExit, match="nowhere.pth: given as --net_path"):  # a given path: no download
         P.feature_net("inception", path=str(tmp_path / "nowhere.pth"), download=True)
     assert calls == [url]
 

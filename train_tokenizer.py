@@ -12,13 +12,11 @@ model. The objective, as the functions below compute it (t = the step):
                       the other images of the process's batch; or VQ-KD's per-token 1 - cos to the teacher's patches
   w_adv(t) = disc_weight (0.5) from disc_start (20000) on, else 0; D is not run before; no adaptive weight.
 
-Stages: full (FQGAN); features (VQ-KD stage 1: encoder + codebook learn only L_rep (cosine) + VQ terms through a
-small feature decoder, no pixels); decoder (stage 2 of VQ-KD and Cluster: encoder and codebooks frozen, the pixel
-decoder learns MSE + LPIPS + GAN). --init=PATH starts from a tokenizer checkpoint; --init=cluster builds the Cluster
-tokenizer: the frozen teacher as the encoder, a k-means codebook of its patch features.
+Stages (--stage): full (FQGAN); features (VQ-KD stage 1: only L_rep (cosine) + VQ terms, no pixels); decoder (VQ-KD
+stage 2 and Cluster: encoder and codebooks frozen, the decoder learns the pixel terms). --init=cluster: the frozen
+teacher is the encoder, the codebook a k-means of its patch features.
 
     python train_tokenizer.py                 # FQGAN-Dual on Fashion-MNIST 32 px with the IU teacher on branch 1
-    python train_tokenizer.py --teachers=none,clip_tiny --lpips=tiny --disc_start=0   # every term, tiny stand-ins
     python train_tokenizer.py --stage=features --model_overrides=n_codebooks=1 --teachers=fmnist_vit \\
         --rep_loss=cosine --rep_layers=1 --out_dir=out/vqkd1                                   # VQ-KD stage 1
     python train_tokenizer.py --stage=decoder --init=out/vqkd1/ckpt.pt --out_dir=out/vqkd      # VQ-KD stage 2
@@ -164,12 +162,9 @@ class PatchGAN(nn.Module):
                        nn.LeakyReLU(0.2, True)]
             c = c_out
         self.main = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, 1, 1))
-        for m in self.modules():  # pix2pix init: conv weights N(0, 0.02), BatchNorm gamma N(1, 0.02), beta 0
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
+        for m in self.modules():  # pix2pix init: conv weights N(0, 0.02), BatchNorm gamma N(1, 0.02) (beta 0)
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                nn.init.normal_(m.weight, float(isinstance(m, nn.BatchNorm2d)), 0.02)
 
     def forward(self, x):  # (B, 3, H, W) -> (B, 1, h', w') logits
         return self.main(x)
@@ -357,13 +352,10 @@ def train(cfg, s):
     log(f"data {cfg.data}: {len(train_ds)} train images, {len(val_ds)} held-out | global batch {global_batch} = "
         f"{cfg.batch_size} x {cfg.grad_accum} accum x {s.world_size} ranks")
 
-    try:
-        teachers = {k: teacher(n, p, cfg.download).to(s.device) for k, (n, p) in names.items()}
-        lpips_name = cfg.lpips if cfg.lpips != "auto" else ("none" if cfg.preset == "tiny" else "vgg16")
-        lpips = None if lpips_name == "none" or cfg.stage == "features" else lpips_vgg(
-            lpips_name, cfg.lpips_vgg_path or None, cfg.lpips_lin_path or None, cfg.download).to(s.device)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"{e} (flags --teachers / --teacher_paths / --lpips*)") from None
+    teachers = {k: teacher(n, p, cfg.download).to(s.device) for k, (n, p) in names.items()}
+    lpips_name = cfg.lpips if cfg.lpips != "auto" else ("none" if cfg.preset == "tiny" else "vgg16")
+    lpips = None if lpips_name == "none" or cfg.stage == "features" else lpips_vgg(
+        lpips_name, cfg.lpips_vgg_path or None, cfg.lpips_lin_path or None, cfg.download).to(s.device)
     heads = nn.ModuleDict({k: FeatPredHead(tok.cfg.codebook_dim, t.width, tok.grid ** 2, cfg.rep_layers)
                            for k, t in teachers.items()})
     frozen = {"decoder": (tok.encoder, tok.branches, tok.quantizers), "features": (tok.post_quant_conv, tok.decoder)}
