@@ -13,6 +13,7 @@ Peak memory: torch.cuda.max_memory_allocated on CUDA; on the CPU the peak reside
 
     python bench.py                                   # tiny preset, CPU, < 2 min
     python bench.py --preset=paper --device=cuda      # FQGAN-Dual (256 px) and FAR-B on Dual codes
+    python bench.py --sweep=8,16,32,64 --repeats=2    # peak memory of the train steps against the batch size
     git show <old commit>:far.py > /tmp/far_old.py && python bench.py --baseline_far=/tmp/far_old.py
                                                       # FAR sampling of another far.py on the same weights, same run
 """
@@ -49,6 +50,7 @@ class BenchConfig:
     peak_tflops: float = 0          # bf16 peak of the device for MFU; 0 = from PEAK_TFLOPS by device name
     baseline_far: str = ""          # another far.py whose generate() is timed on the same weights (side by side)
     only: str = ""                  # comma-separated line names to run (default: all)
+    sweep: str = ""                 # comma-separated batch sizes: the two train-step lines at each (memory vs batch)
 
     def __post_init__(self):
         check(self, positive="repeats", preset=tuple(PRESETS))
@@ -160,9 +162,9 @@ def bench_far_sample(cfg, p, s, module=None):
 
 def run_line(args):
     """One benchmark line in a fresh process (its peak memory is its own); -> the printed line."""
-    cfg, name = args
+    cfg, name, batch = args
     with session(cfg.device) as s:
-        p = PRESETS[cfg.preset]
+        p = dict(PRESETS[cfg.preset], **(dict(tok_batch=batch, far_batch=batch) if batch else {}))
         module = None
         if name == "baseline":
             src = open(cfg.baseline_far).read().replace("from fqgan import load_strict, torch_load", "")
@@ -182,12 +184,14 @@ def run_line(args):
 
 def main(cfg):
     names = ["tok_train", "tok_codec", "far_train", "far_sample"] + (["baseline"] if cfg.baseline_far else [])
-    names = [n for n in names if not cfg.only or n in cfg.only.split(",")]
+    jobs = [(cfg, n, 0) for n in names if not cfg.only or n in cfg.only.split(",")]
+    if cfg.sweep:
+        jobs = [(cfg, n, int(b)) for b in cfg.sweep.split(",") for n in ("tok_train", "far_train")]
     print(f"bench {cfg.preset} | torch {torch.__version__} | device "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() and cfg.device != 'cpu' else 'cpu'}")
     lines = []
     with mp.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        for line in pool.imap(run_line, [(cfg, n) for n in names]):
+        for line in pool.imap(run_line, jobs):
             print(line, flush=True)
             lines.append(line)
     return lines

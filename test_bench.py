@@ -13,3 +13,10 @@ def test_bench_micro_prints_every_figure():
     rates = re.findall(r"(\d[\d,]*\.?\d*) (?:img|images|tokens|sub-tokens)/s", lines)
     numbers = [float(x.replace(",", "")) for x in rates]
     assert len(numbers) >= 7 and all(math.isfinite(n) and n > 0 for n in numbers), lines
+
+
+def test_bench_sweep_runs_both_train_steps_per_batch():
+    lines = bench.main(bench.BenchConfig(preset="micro", repeats=1, device="cpu", sweep="2,3"))
+    assert [re.search(r"^(tokenizer|FAR) train step \(tiny, batch (\d)\)", x).groups() for x in lines] == \
+        [("tokenizer", "2"), ("FAR", "2"), ("tokenizer", "3"), ("FAR", "3")], lines
+    assert all("peak RSS" in x for x in lines)
