@@ -93,7 +93,6 @@ def slug(name):
 
 
 # ---- probe: what the codes of each sub-codebook know about the class
-
 def linear_probe(xtr, ytr, xte, yte, l2=1e-3, iters=100):
     """Test accuracy of a multinomial logistic regression (standardised features, L2, full-batch L-BFGS)."""
     mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
@@ -157,7 +156,6 @@ def codebook_picture(vectors, indices, labels, path, side=320):
 
 
 # ---- jobs (each runs in a worker process, its output in its run folder's job.log)
-
 def far_and_samples(cfg, tok_path, run, seed, top_k, head="ar", codes_dir=""):
     """A tiny FAR on the tokenizer's codes (reused when run/far.json says it is done), then gFID-FMNIST and the class
     accuracy of its samples at each top-k (each reused when its JSON exists)."""
@@ -220,7 +218,6 @@ def run_job(job):
 
 
 # ---- the runner
-
 def ref_path(cfg):
     return Path(cfg.out_dir) / "fmnist_train_stats.npz"
 
@@ -288,7 +285,6 @@ def main(cfg):
 
 
 # ---- outputs
-
 def stat(values):
     """'mean ± spread' with spread = (max - min) / 2 over the seeds; lists are reported element-wise."""
     v = np.asarray(values, dtype=np.float64)

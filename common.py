@@ -1,7 +1,6 @@
 """
-What the entry scripts share: --key=value flags read from a dataclass (with bounds), the entry point that turns a
-user's mistake into one line, the device / DDP / precision session, atomic files and checkpoints, the log, the
-learning rate, the optimizer, RNG states and the per-image seed rule. Nothing runs at import time.
+What the entry scripts share: flags, the entry point (a user's mistake is one line), device / DDP / precision, atomic
+files and checkpoints, the log, training helpers and the per-image seed rule. Nothing runs at import time.
 """
 import inspect
 import json
@@ -19,9 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+
 # ---- flags: every dataclass field is a --field=value flag
-
-
 def parse_config(cls, argv=None):
     """Build `cls` from --key=value flags: types from the defaults, tuples comma-separated, bools true/false."""
     argv = sys.argv[1:] if argv is None else argv
@@ -56,8 +54,7 @@ def convert(text, default, name):
 
 
 def check(cfg, positive="", unit="", **choices):
-    """Bounds of every flag: numbers finite and >= 0, those in `positive` > 0, those in `unit` <= 1; each keyword
-    names the allowed values of a string flag."""
+    """Flag bounds: numbers finite, >= 0, those in `positive` > 0, those in `unit` <= 1; keywords: a flag's choices."""
     for f in fields(cfg):
         v = getattr(cfg, f.name)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -72,24 +69,20 @@ def check(cfg, positive="", unit="", **choices):
 def cli(main, cls):
     """Run a script: a mistake a user can fix (bad flag, missing or wrong file, unreadable checkpoint) ends in one line
     on stderr and exit status 1, never a traceback; --debug shows the traceback instead."""
-    debug = "--debug" in sys.argv
     try:
         main(parse_config(cls, [a for a in sys.argv[1:] if a != "--debug"]))
     except (Exception, SystemExit) as e:
         if isinstance(e, SystemExit) and not isinstance(e.code, str):
             raise
-        if debug:
+        if "--debug" in sys.argv:
             traceback.print_exc()
             sys.exit(1)
         text = " ".join(str(e.code if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}").split())
-        print(f"error: {text[:700]}{' ...' if len(text) > 700 else ''} (--debug shows the traceback)",
-              file=sys.stderr)
+        print(f"error: {text[:700]}{' ...' if len(text) > 700 else ''} (--debug shows the traceback)", file=sys.stderr)
         sys.exit(1)
 
 
 # ---- device, DDP, precision
-
-
 @dataclass
 class Session:
     rank: int
@@ -118,10 +111,10 @@ def autocast(device_type):
 
 
 @contextmanager
-def session(device="auto"):
-    """The one place that sets up a process: under torchrun (RANK set) join the group (nccl on CUDA, gloo on CPU);
-    CUDA: TF32 matmuls; CPU: one thread per process unless OMP_NUM_THREADS says otherwise (measured on 2 cores:
-    1 thread 39 / 36 img/s idle / one core busy, 2 threads 52 / 17 img/s: more threads collapse under load)."""
+def session(device="auto", all_cores=False):
+    """The one place that sets up a process: torchrun group (nccl on CUDA, gloo on CPU); CUDA: TF32; CPU: one thread
+    unless OMP_NUM_THREADS is set or all_cores (a job meant to run alone keeps torch's default, all cores). Measured on
+    2 cores: 1 thread 39 / 36 img/s idle / one core busy, 2 threads 52 / 17 img/s: more threads collapse under load."""
     if device not in ("auto", "cpu", "cuda"):
         raise SystemExit(f"--device={device}: choose auto, cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
@@ -131,7 +124,7 @@ def session(device="auto"):
     if cuda:
         torch.cuda.set_device(local)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    elif "OMP_NUM_THREADS" not in os.environ:
+    elif "OMP_NUM_THREADS" not in os.environ and not all_cores:
         torch.set_num_threads(1)
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -143,14 +136,11 @@ def session(device="auto"):
 
 
 # ---- files: atomic writes, checkpoints, log
-
-
 def atomic_write(path, write):
-    """write(file) into a temp file beside `path`, fsync, rename: a killed write never leaves a half-written file, and
-    the temp files an earlier killed write left are removed first."""
+    """write(file) into a temp file beside `path`, fsync, rename: a killed write never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp*"):
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by an earlier killed write
         stale.unlink()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -210,23 +200,18 @@ def build(cls, ckpt, path, device="cpu"):
 
 def Logger(out_dir, master=True):
     """log(*msg): print on rank 0, mirrored to out_dir/log.txt (when out_dir is given)."""
+    outs = [None] if master else []  # print(file=None) writes to stdout
     if master and out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-    file = open(Path(out_dir) / "log.txt", "a") if master and out_dir else None
+        outs.append(open(Path(out_dir) / "log.txt", "a"))
 
     def log(*msg):
-        if master:
-            line = " ".join(map(str, msg))
-            print(line, flush=True)
-            if file:
-                file.write(line + "\n")
-                file.flush()
+        for out in outs:
+            print(*msg, file=out, flush=True)
     return log
 
 
 # ---- training helpers
-
-
 def get_lr(step, lr, warmup=0, max_steps=0, decay="constant", min_ratio=0.1):
     """Learning rate as a pure function of the step: linear warmup, then constant or cosine to min_ratio * lr."""
     if step < warmup:
@@ -249,17 +234,15 @@ def adamw(module, lr, betas, weight_decay, device_type):
 def rng_states(s):
     """Every rank's CPU (and CUDA) generator state, stacked (world, n) uint8, for a checkpoint; collective."""
     mine = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if s.device_type == "cuda" else [])
-    every = [mine]
+    every = [mine] * s.world_size  # filled in place by the gather
     if s.world_size > 1:
-        every = [None] * s.world_size
         dist.all_gather_object(every, mine)
     return {"rng": [torch.stack(parts) for parts in zip(*every)]}
 
 
 def resume(ckpt, parts, s, cfg, path, log):
     """Start a run: fresh (ckpt None: seed + rank) or resumed: load_state_dict of each parts[key] from ckpt[key], put
-    back this rank's generator states (a run resumed on another number of processes is reseeded: it then no longer
-    matches the uninterrupted run exactly, and says so). -> the step to start at."""
+    back this rank's generator states (on another number of processes: reseeded, no longer exact). -> the start step."""
     if not ckpt:
         torch.manual_seed(cfg.seed + s.rank)
         return 0

@@ -1,7 +1,6 @@
 """
-The image datasets of every script: make_dataset(data, image_size, split, augment) = Fashion-MNIST (default, Debian's
-dataset-fashion-mnist), an ImageFolder tree (ADM crops) or synthetic images; items (image (3, S, S) in [-1, 1], label),
-(zeros, -1) for an unreadable image (callers skip it). batches(): order = a pure function of the step (exact resume).
+The image datasets of every script: Fashion-MNIST (default, Debian's dataset-fashion-mnist), an ImageFolder tree (ADM
+crops) or synthetic images; items (image (3, S, S) in [-1, 1], label), (zeros, -1) for an unreadable image (skipped).
 """
 import functools
 import gzip
@@ -111,8 +110,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
 @functools.lru_cache(maxsize=4)
 def fashion_tensors(train, image_size):
-    """Fashion-MNIST as (images (N, 1, S, S) in [-1, 1], labels (N,)), decoded and resized once per process (the
-    resize of 60k images costs seconds; callers index it, never write to it)."""
+    """Fashion-MNIST (images (N, 1, S, S) in [-1, 1], labels (N,)), resized once per process and shared: read-only."""
     x, y = fashion_mnist(train)
     x = torch.from_numpy(x.copy()).float().div(127.5).sub(1).unsqueeze(1)  # (N, 1, 28, 28)
     if image_size != 28:

@@ -10,9 +10,8 @@ npz format (uint8 NHWC, key arr_0) that the official numbers are computed from.
         --ref=VIRTUAL_imagenet256_labeled.npz --num_samples=50000 --cfg_scale=2.0 --save_npz=samples.npz
 
 --net=inception: pytorch-fid's port of the TF FID Inception (close to, NOT identical with, the ADM TF evaluator);
-fmnist: our evaluation CNN (train_classifier.py --net=featnet), whose metrics are FID-FMNIST etc. (keys *_fmnist: a
-domain metric, not FID); random: smoke tests only (flagged). torchrun: image i on rank i mod world, gathered (gloo) on
-rank 0, which writes the JSON atomically.
+fmnist: our evaluation CNN (train_classifier.py --net=featnet): keys *_fmnist (FID-FMNIST etc.), a domain metric, not
+FID; random: smoke tests only (flagged). torchrun: image i on rank i mod world, rank 0 writes the JSON atomically.
 Shapes: N images, H W C pixels (NHWC uint8 in npz files, NCHW float [0,1] in torch), F features, K sub-codebooks.
 """
 import time
@@ -35,7 +34,6 @@ from sample import generate_images, load_generator
 
 
 # ---- metrics
-
 def feature_stats(feats):
     """Features (N, F) -> (mu (F,), sigma (F, F)) in float64, sigma with the N-1 normaliser."""
     feats = np.asarray(feats, dtype=np.float64)
@@ -73,12 +71,11 @@ def fid_from_features(feats, mu2, sigma2):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-def inception_score(x, splits=10, is_probs=False):
-    """IS = exp(E_x KL(p(y|x) || p(y))) per each of `splits` consecutive chunks (as ADM) of (N, C) logits x (float64
-    softmax here) or probabilities (is_probs=True) -> (mean, std)."""
+def inception_score(x, splits=10):
+    """IS = exp(E_x KL(p(y|x) || p(y))) per consecutive chunk (`splits`, as ADM) of logits (N, C) -> (mean, std)."""
     x = np.asarray(x, dtype=np.float64)
     assert len(x) >= splits, f"need at least splits={splits} samples"
-    chunks = np.array_split(x if is_probs else softmax(x, axis=1), splits)  # p(y|x), p(y) = the mean over a chunk
+    chunks = np.array_split(softmax(x, axis=1), splits)  # p(y|x), p(y) = the mean over a chunk
     scores = [np.exp((xlogy(q, q) - xlogy(q, q.mean(0, keepdims=True))).sum(1).mean()) for q in chunks]  # 0 log 0 = 0
     return float(np.mean(scores)), float(np.std(scores))
 
@@ -123,7 +120,6 @@ def codebook_stats(counts):
 
 
 # ---- ADM npz files
-
 def open_npz(path, need):
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -153,7 +149,6 @@ def load_ref_stats(path):
 
 
 # ---- command line: --mode=rfid | gfid | stats, one process or torchrun
-
 @dataclass
 class EvalConfig:
     mode: str = "rfid"              # rfid | gfid | stats
@@ -201,9 +196,8 @@ def per_rank(cfg, s, n, step, desc, data=None):
                 out.setdefault(k, []).append(v)
             bar.update(min(len(chunk) * s.world_size, n - bar.n))
     mine = (np.asarray(idx, dtype=np.int64), {k: np.concatenate(v) for k, v in out.items()})
-    parts = [mine]
+    parts = [mine] * s.world_size if s.master else None  # filled in place by the gather
     if s.world_size > 1:  # through a gloo group on the CPU: NCCL runs never stage images through the GPU
-        parts = [None] * s.world_size if s.master else None
         dist.gather_object(mine, parts, dst=0, group=s.cpu_group)
     if not s.master:
         return None
@@ -246,7 +240,6 @@ def rfid(cfg, s, net, ref, log):
         if ref is None:
             out["ref_feats"] = features(net, to_uint8(x), s)["feats"]
         return {**out, **({"images": rec} if cfg.save_npz else {})}
-
     g = per_rank(cfg, s, n, step, "rfid", data=ds)
     if s.world_size > 1:
         dist.all_reduce(counts, group=s.cpu_group)
@@ -285,7 +278,6 @@ def gfid(cfg, s, net, ref, log):
             far, tok, labels[chunk], [image_seed(cfg.seed, i) for i in chunk], cfg.cfg_scale, cfg.temperature,
             cfg.top_k, cfg.top_p, compile=s.device_type == "cuda")  # (B, H, W, 3) uint8
         return {**features(net, images, s), **({"images": images} if cfg.save_npz else {})}
-
     g = per_rank(cfg, s, n, step, "gfid")
     real = None if ref is None else ref["features"]
     if ref is not None and real is None and ref["images"] is not None:  # precision/recall: ADM's reference images
@@ -331,53 +323,50 @@ def stats(cfg, s, net, ref, log):
 
 
 @torch.no_grad()
-def evaluate(cfg, s):
-    log = Logger(None, s.master)
-    if s.device_type == "cuda":  # features in true fp32 (pytorch-fid parity); the generator runs in bf16 anyway
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    s.cpu_group = dist.new_group(backend="gloo") if s.world_size > 1 and s.device_type == "cuda" else None
-    log(f"eval_fid --mode={cfg.mode} | device {s.device} | world size {s.world_size} | torch {torch.__version__}")
-    warnings = ["WARNING: --net=random: the feature network has RANDOM weights, every number here is meaningless "
-                "(smoke tests only)"] if cfg.net == "random" else []
-    if s.world_size > 1 and not s.master:
-        dist.barrier()  # rank 0 fetches the weights first (when --download=true)
-    net = feature_net(cfg.net, cfg.net_path or None, cfg.download).to(s.device)
-    if s.world_size > 1 and s.master:
-        dist.barrier()
-    ref = load_ref_stats(cfg.ref) if cfg.ref and cfg.mode != "stats" else None
-    width = ref is not None and net(torch.zeros(1, 3, 32, 32, device=s.device))[0].shape[1]
-    if width and width != len(ref["mu"]):  # e.g. an Inception reference under --net=fmnist: fail now, not after the run
-        raise SystemExit(f"{cfg.ref} holds {len(ref['mu'])}-d statistics but --net={cfg.net} gives {width}-d features: "
-                         f"make the reference with the same --net (--mode=stats)")
-    if ref is not None and ref["net"] not in (None, cfg.net):  # ours record their feature network; ADM's: TF Inception
-        warnings.append(f"WARNING: {cfg.ref} was made with --net={ref['net']}, this run uses --net={cfg.net}: the "
-                        f"numbers are not comparable")
-    for w in warnings:
-        log(w)
-    t0 = time.time()
-    res = {"rfid": rfid, "gfid": gfid, "stats": stats}[cfg.mode](cfg, s, net, ref, log)
-    if s.master:
-        suffix = "_fmnist" if cfg.net == "fmnist" else ""  # FID-FMNIST is a domain metric, never called FID
-        res = {"mode": cfg.mode, **{k + suffix if k in ("rfid", "fid", "is", "is_std", "precision", "recall") else k:
-                                    v for k, v in res.items()}, "net": cfg.net, "world_size": s.world_size,
-               "seconds": round(time.time() - t0, 1), **({"warning": " | ".join(warnings)} if warnings else {}),
-               "note": "FID-FMNIST: features of our Fashion-MNIST CNN, not the Inception" if suffix else
-               "PyTorch FID Inception (pytorch-fid port of the TF weights): close to, not identical with, the ADM "
-               "TensorFlow evaluator used by the paper", "config": asdict(cfg)}
-        if cfg.mode != "stats":
-            res["json"] = cfg.out or f"{cfg.ckpt or cfg.samples}.{cfg.mode}.json"
-            save_json(res["json"], res)
-        log(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()
-                       if k not in ("config", "note", "warning")))
-    if s.world_size > 1:
-        dist.barrier()  # rank 0 has written its files
-    return res
-
-
 def main(cfg):
     """Run one evaluation; returns the results dict on rank 0 (None on the other ranks)."""
     with session(cfg.device) as s:
-        return evaluate(cfg, s)
+        log = Logger(None, s.master)
+        if s.device_type == "cuda":  # features in true fp32 (pytorch-fid parity); the generator runs in bf16 anyway
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        s.cpu_group = dist.new_group(backend="gloo") if s.world_size > 1 and s.device_type == "cuda" else None
+        log(f"eval_fid --mode={cfg.mode} | device {s.device} | world size {s.world_size} | torch {torch.__version__}")
+        warnings = ["WARNING: --net=random: the feature network has RANDOM weights, every number here is meaningless "
+                    "(smoke tests only)"] if cfg.net == "random" else []
+        if s.world_size > 1 and not s.master:
+            dist.barrier()  # rank 0 fetches the weights first (when --download=true)
+        net = feature_net(cfg.net, cfg.net_path or None, cfg.download).to(s.device)
+        if s.world_size > 1 and s.master:
+            dist.barrier()
+        ref = load_ref_stats(cfg.ref) if cfg.ref and cfg.mode != "stats" else None
+        width = ref is not None and net(torch.zeros(1, 3, 32, 32, device=s.device))[0].shape[1]
+        if width and width != len(ref["mu"]):  # e.g. an Inception reference under --net=fmnist: fail before the run
+            raise SystemExit(f"{cfg.ref} holds {len(ref['mu'])}-d statistics but --net={cfg.net} gives {width}-d "
+                             f"features: make the reference with the same --net (--mode=stats)")
+        if ref is not None and ref["net"] not in (None, cfg.net):  # ours record their net; ADM's: TF Inception
+            warnings.append(f"WARNING: {cfg.ref} was made with --net={ref['net']}, this run uses --net={cfg.net}: "
+                            f"the numbers are not comparable")
+        for w in warnings:
+            log(w)
+        t0 = time.time()
+        res = {"rfid": rfid, "gfid": gfid, "stats": stats}[cfg.mode](cfg, s, net, ref, log)
+        if s.master:
+            suffix = "_fmnist" if cfg.net == "fmnist" else ""  # FID-FMNIST is a domain metric, never called FID
+            renamed = ("rfid", "fid", "is", "is_std", "precision", "recall")
+            res = {"mode": cfg.mode, **{k + suffix if k in renamed else k: v for k, v in res.items()}, "net": cfg.net,
+                   "world_size": s.world_size, "seconds": round(time.time() - t0, 1),
+                   **({"warning": " | ".join(warnings)} if warnings else {}),
+                   "note": "FID-FMNIST: features of our Fashion-MNIST CNN, not the Inception" if suffix else
+                   "PyTorch FID Inception (pytorch-fid port of the TF weights): close to, not identical with, the ADM "
+                   "TensorFlow evaluator used by the paper", "config": asdict(cfg)}
+            if cfg.mode != "stats":
+                res["json"] = cfg.out or f"{cfg.ckpt or cfg.samples}.{cfg.mode}.json"
+                save_json(res["json"], res)
+            log(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()
+                           if k not in ("config", "note", "warning")))
+        if s.world_size > 1:
+            dist.barrier()  # rank 0 has written its files
+        return res
 
 
 if __name__ == "__main__":

@@ -47,15 +47,13 @@ class FARConfig:
         problems = [(math.isqrt(self.block_size) ** 2 != self.block_size, "block_size must be a square (a grid)"),
                     (self.n_embd % self.n_head or (self.n_embd // self.n_head) % 4,
                      "n_embd / n_head must be a multiple of 4 (2D RoPE splits the head dim into rows and columns)"),
-                    (self.head not in ("ar", "linear", "mlp"), f"head={self.head!r}: choose 'ar', 'linear' or 'mlp'"),
-                    (self.n_codebooks > self.block_size + 1, "the head reuses RoPE entries 0..K-1")]
+                    (self.head not in ("ar", "linear", "mlp"), f"head={self.head!r}: choose 'ar', 'linear' or 'mlp'")]
         for bad, message in problems:
             if bad:
                 raise ValueError(message)
 
 
 # ---- LlamaGen GPT parts: 2D RoPE, RMSNorm, transformer blocks
-
 def build_rope(cfg):
     """(1 + T, hd/2, 2) table of (cos, sin): entry 0 = the class token (zero), entry 1 + p = grid position p (raster
     order). Of the hd/2 rotation pairs of a head, the first hd/4 rotate by row, the last hd/4 by column."""
@@ -196,9 +194,8 @@ class FAR(nn.Module):
         return self.lm_head[k](self.mlps[k](z) if self.cfg.head == "mlp" else z).float()
 
     def forward(self, idx, labels, targets=None):
-        """idx (B, K, T) codes, labels (B,). Without targets -> (logits (B, K, T, V) fp32, None); with targets (normally
-        idx itself: teacher forcing) -> (None, CE per sub-token (K,)), one sub-token's logits at a time (the loss is
-        ce.mean()). idx feeds both the backbone (shifted by one position) and the head."""
+        """idx (B, K, T), labels (B,) -> (logits (B, K, T, V) fp32, None); with targets (teacher forcing: idx itself)
+        -> (None, CE per sub-token (K,)), one sub-token's logits at a time. idx feeds backbone (shifted) and head."""
         feats = self.head(self.backbone(idx, labels), idx)
         if targets is None:
             return torch.stack([self.out(z, k) for k, z in enumerate(feats)], 1), None
@@ -206,7 +203,6 @@ class FAR(nn.Module):
                                   for k, z in enumerate(feats)])
 
     # ---- sampling
-
     def decode_step(self, x, pos, u, cfg_scale, temperature, top_k, top_p):
         """One image position: the backbone step at pos (x (N, 1, D): the class token at pos 0, else the aggregated
         sub-tokens of position pos-1), then K head steps, each with CFG and sampling. Static shapes: compiles once.
@@ -229,15 +225,13 @@ class FAR(nn.Module):
     @torch.no_grad()
     def generate(self, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, seeds=None, compile=False,
                  return_logits=False):
-        """Sample codes (B, K, T) for labels (B,) in eval mode. cfg_scale s != 1 doubles the batch (+ null labels) and
-        samples from u + s (c - u) for every sub-token, feeding the sampled token to both halves; then temperature,
-        top-k (0 = off; 1 = greedy), top-p (1 = off). seeds: one int per image; its tokens depend only on (label, seed).
-        compile: torch.compile the step. return_logits: also the guided logits (B, K, T, V) fp32 (pre-temperature)."""
+        """Codes (B, K, T) for labels (B,), eval mode. cfg_scale s != 1: batch + null labels, every sub-token from u + s
+        (c - u), then temperature, top-k (0 off, 1 greedy), top-p (1 off). seeds: one int per image (its tokens depend
+        only on label and seed). compile: the step. return_logits: also the guided logits (B, K, T, V) fp32."""
         cfg, B, dev, K, T = self.cfg, len(labels), labels.device, self.cfg.n_codebooks, self.cfg.block_size
         assert temperature > 0 and 0 < top_p <= 1 and top_k >= 0, "need temperature > 0, 0 < top_p <= 1, top_k >= 0"
-        u = torch.rand(B, T, K) if seeds is None else torch.stack(
-            [torch.rand(T, K, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        u = u.to(dev)  # (B, T, K)
+        u = (torch.rand(B, T, K) if seeds is None else torch.stack(
+            [torch.rand(T, K, generator=torch.Generator().manual_seed(int(s))) for s in seeds])).to(dev)  # (B, T, K)
         cond = torch.cat([labels, torch.full_like(labels, cfg.num_classes)]) if cfg_scale != 1.0 else labels  # (N,)
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.norm.weight.dtype
         for blocks, length in ((self.blocks, T), (self.head_blocks, K)):  # static caches for the whole image
@@ -295,7 +289,6 @@ def checkpoint_dict(model, **extra):
 
 
 # ---- official FAR state dicts (showlab/FQGAN autoregressive/models/far_{dual,triple}.py)
-
 OFFICIAL_NAMES = [(r"^cls_embedding\.embedding_table\.", "cls_emb."), (r"^aggregation_layer\.", "agg."),
                   (r"^layers\.", "blocks."), (r"^ar_head\.", "head_blocks."), (r"\.attention\.", ".attn."),
                   (r"\.attention_norm\.", ".attn_norm."), (r"\.feed_forward\.", ".ffn.")]  # (official, ours), in order
@@ -319,7 +312,6 @@ def load_official_state_dict(model, sd):
 
 
 # ---- presets (data, not code): FARConfig(**PRESETS[name], n_codebooks=K, codebook_size=V, block_size=T)
-
 PRESETS = {
     "tiny": dict(n_layer=2, n_embd=64, n_head=4, head_layers=1),  # CPU tests and demos
     "B": dict(n_layer=24, n_embd=1024, n_head=16, head_layers=3),  # FAR-B (LlamaGen GPT-L shapes), ~415M

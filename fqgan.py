@@ -1,13 +1,11 @@
 """
 FQGAN: the factorized-quantization image tokenizer of "Factorized Visual Tokenization and Generation"
-(Bai et al., arXiv 2411.16681), built on the LlamaGen VQGAN (Sun et al., arXiv 2406.06525).
+(Bai et al., arXiv 2411.16681), built on the LlamaGen VQGAN (Sun et al., arXiv 2406.06525): K=1 with adapter_layers=0
+is LlamaGen's VQ-16 (or VQ-8) exactly. Training-only parts: train_tokenizer.py, pretrained.py.
 
     image -> shared CNN encoder trunk -> K branches, each: adapter (transformer) -> GroupNorm/swish/conv -> quant_conv
           -> l2-normalised VQ (its own sub-codebook) -> concat the K sub-codes (branch 0 "vis" first) on channels
           -> post_quant_conv -> CNN decoder -> reconstruction in [-1, 1] (not clamped)
-
-K=1 with adapter_layers=0 is LlamaGen's VQ-16 (or VQ-8) exactly. encoder='vit' is the Cluster tokenizer (Wang et al.,
-arXiv 2411.04406): a frozen teacher ViT trunk quantized as is. Training-only parts: train_tokenizer.py, pretrained.py.
 
 Shape legend: B batch, H W image size, h w latent grid (H / 2**(len(ch_mult)-1)), T = h*w tokens,
 K sub-codebooks, V entries per sub-codebook, D code dimension, C channels, W trunk width (= ch * ch_mult[-1]).
@@ -54,7 +52,6 @@ class FQGANConfig:
 
 
 # ---- CNN building blocks (taming / LlamaGen)
-
 def Normalize(c):
     return nn.GroupNorm(32, c, eps=1e-6, affine=True)
 
@@ -143,8 +140,7 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        widths = [cfg.ch * m for m in reversed(cfg.ch_mult)]
-        c = widths[0]
+        widths, c = [cfg.ch * m for m in reversed(cfg.ch_mult)], cfg.ch * cfg.ch_mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
         self.mid = nn.Sequential(ResnetBlock(c, c, cfg.dropout), AttnBlock(c), ResnetBlock(c, c, cfg.dropout))
         self.conv_blocks = res_levels(cfg, [c] + widths, cfg.num_res_blocks + 1, 0, up=True)
@@ -156,15 +152,13 @@ class Decoder(nn.Module):
 
 
 # ---- transformer blocks (CLIP style; reused by the adapters, the ViT trunk, the heads and the CLIP teacher)
-
 class Attention(nn.Module):
     """Multi-head self-attention with torch.nn.MultiheadAttention's parameter layout (in_proj rows = [q; k; v])."""
 
     def __init__(self, width, n_head):
         super().__init__()
         self.n_head, self.in_proj_weight = n_head, nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
+        self.in_proj_bias, self.out_proj = nn.Parameter(torch.zeros(3 * width)), nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x):  # (B, T, W)
@@ -187,9 +181,8 @@ class ResidualAttentionBlock(nn.Module):
     def __init__(self, width, n_head, mlp_ratio=4.0, act="gelu"):
         super().__init__()
         self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(width), Attention(width, n_head), nn.LayerNorm(width)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, hidden), gelu=QuickGELU() if act == "quick_gelu"
-                                             else nn.GELU(), c_proj=nn.Linear(hidden, width)))
+        hidden, gelu = int(width * mlp_ratio), QuickGELU() if act == "quick_gelu" else nn.GELU()
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, hidden), gelu=gelu, c_proj=nn.Linear(hidden, width)))
 
     def forward(self, x):  # (B, T, W)
         x = x + self.attn(self.ln_1(x))
@@ -206,11 +199,10 @@ class Adapter(nn.Module):
         self.transformer = nn.ModuleList([ResidualAttentionBlock(width, n_head) for _ in range(n_layer)])
 
     def forward(self, x):  # (B, W, h, w)
-        B, W, h, w = x.shape
-        x = self.ln_pre(x.flatten(2).transpose(1, 2) + self.positional_embedding)  # (B, T, W), row-major tokens
+        t = self.ln_pre(x.flatten(2).transpose(1, 2) + self.positional_embedding)  # (B, T, W), row-major tokens
         for block in self.transformer:
-            x = block(x)
-        return self.ln_post(x).transpose(1, 2).reshape(B, W, h, w)
+            t = block(t)
+        return self.ln_post(t).transpose(1, 2).reshape(x.shape)
 
 
 class ViT(nn.Module):
@@ -246,7 +238,6 @@ class Branch(nn.Module):
 
 
 # ---- quantizer, losses, the tokenizer
-
 class Quantizer(nn.Module):
     """l2-normalised VQ (LlamaGen): nearest code by cosine, straight-through, codebook/commit/entropy losses in fp32."""
 
@@ -376,9 +367,8 @@ class FQGAN(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt, prefer_ema=True):
-        """A checkpoint (a path, or the dict torch.load(path, weights_only=True) gives) -> model in eval mode, on the
-        CPU, strictly loaded. Ours: {'kind': 'fqgan', 'config', 'model'}. Official FQGAN / LlamaGen: a state dict, bare
-        or under 'ema' (preferred), 'model' or 'state_dict'; config inferred from shapes, names mapped onto ours."""
+        """A checkpoint (a path or its dict) -> model in eval mode on the CPU, strictly loaded. Ours: {'kind', 'config',
+        'model'}. Official FQGAN / LlamaGen: a state dict, bare or under 'ema' (preferred), 'model' or 'state_dict'."""
         if not isinstance(ckpt, dict):
             ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
         if "kind" in ckpt:
@@ -398,7 +388,6 @@ def checkpoint_dict(model, **extra):
 
 
 # ---- official checkpoints (FQGAN showlab/FQGAN, LlamaGen FoundationVision/LlamaGen)
-
 OFFICIAL_BRANCHES = {  # official (module suffix, adapter name) per branch, by K
     1: [("", None)], 2: [("_vis", "visual_head"), ("_sem", "semantic_head")],
     3: [("_vis", "visual_head"), ("_sem_mid", "semantic_head_mid"), ("_sem_high", "semantic_head_high")]}
@@ -441,7 +430,6 @@ def load_official_state_dict(model, sd):
 
 
 # ---- presets (data, not code): FQGANConfig(**PRESETS[name])
-
 PRESETS = {
     "tiny": dict(image_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, n_codebooks=2,
                  codebook_size=512, adapter_layers=1, adapter_heads=4, usage_window=4096),  # CPU tests and demo

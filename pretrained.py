@@ -6,8 +6,8 @@ Teacher: images in [-1, 1] -> x*0.5+0.5 -> nearest resize (as the official code)
 patch features (B, N, D)); CLIP's cls is the class token BEFORE ln_post (HF hidden_states[-1][:, 0]), DINOv2's AFTER
 the final norm (x_norm_clstoken). Weights: the path given, else torch.hub.get_dir()/checkpoints/<original file name>,
 downloaded only with download=True (WEIGHT_URLS); loaded strictly. 'tiny' = small random CLIP / DINOv2 / LPIPS (tests).
-Shapes: B batch, H W image size, g patch grid side, N = g*g patch tokens, R registers, D token width (the teacher
-feature width), E CLIP embedding width, C channels.
+Shapes: B batch, H W image size, g grid side, N = g*g patch tokens, R registers, D token (teacher feature) width, E CLIP
+embedding width, C channels.
 """
 import math
 import os
@@ -40,7 +40,6 @@ TRAINED_HERE = {"teacher": "out/teacher/ckpt.pt", "featnet": "out/featnet/ckpt.p
 
 
 # ---- weight files
-
 def weight_file(fname, path, download, flag):
     """`path`, else torch.hub.get_dir()/checkpoints/fname (downloaded if download); absent: a one-line error."""
     url, given = WEIGHT_URLS.get(fname), path is not None
@@ -80,7 +79,6 @@ def load_weights(model, sd, source, prefix=""):
 
 
 # ---- CLIP image encoder
-
 @dataclass
 class CLIPConfig:
     input_resolution: int = 224  # image side in pixels; CLIP has no position interpolation, inputs must match
@@ -141,7 +139,6 @@ def clip_vit(name="ViT-B/16", path=None, download=False):
 
 
 # ---- DINOv2
-
 @dataclass
 class DINOv2Config:
     img_size: int = 518          # pixels the position table was trained for: an M x M grid, M = img_size // patch
@@ -240,7 +237,6 @@ def dinov2(name="vits14", path=None, download=False):
 
 
 # ---- the two small networks trained here (train_classifier.py)
-
 @dataclass
 class ClassifierConfig:
     net: str = "vit"             # 'vit' (hybrid ViT + linear head: the IU teacher) | 'cnn' (the evaluation network)
@@ -291,7 +287,6 @@ def trained_here(kind, path=None):
 
 
 # ---- teacher interface
-
 class Teacher(nn.Module):
     """A frozen image-understanding network with its own preprocessing: images in [-1, 1] -> (cls (B, D), patch)."""
 
@@ -334,7 +329,6 @@ def teacher(name, path=None, download=False):
 
 
 # ---- LPIPS
-
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)  # conv widths, pools
 LPIPS_TAPS = (3, 8, 15, 22, 29)  # vgg16().features indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 
@@ -395,7 +389,6 @@ def lpips_vgg(name="vgg16", vgg_path=None, lin_path=None, download=False):
 
 
 # ---- FID Inception (pytorch-fid's FIDInceptionA/C/E_1/E_2 patches of torchvision's InceptionV3)
-
 class BasicConv2d(nn.Sequential):
     """Conv (no bias) -> BatchNorm (eps 1e-3, TF default) -> ReLU."""
 

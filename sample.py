@@ -1,7 +1,6 @@
 """
 Sample class-conditional images (one process, CPU or GPU) from a trained FAR checkpoint and the FQGAN tokenizer it
-records (--tokenizer overrides it). Image j uses the per-image seed common.image_seed(seed, j), as eval_fid.py: the
-same label and seed give the same image from either script, whatever the batch size or the number of GPUs.
+records (--tokenizer overrides it). A label and --seed give the same image as eval_fid.py, on any batch size or GPUs.
 
     python sample.py --ckpt=out/far/ckpt.pt                      # PNG grid next to the checkpoint, one row per class
     python sample.py --ckpt=out/far/ckpt.pt --classes=0,7,9 --per_class=16 --cfg_scale=3 --top_k=100 --out=a.png

@@ -1,20 +1,14 @@
 """
-Train the FQGAN tokenizer (Bai et al., arXiv 2411.16681; official recipe train_fqgan_{dual,triple}.sh of showlab/FQGAN
-on LlamaGen's VQGAN trainer), and the VQ-KD / Cluster tokenizers of Wang et al. (arXiv 2411.04406), on one K-generic
-model. The objective, as the functions below compute it (t = the step):
+Train the FQGAN tokenizer (Bai et al., arXiv 2411.16681; official recipe: showlab/FQGAN's train_fqgan_{dual,triple}.sh
+on LlamaGen's VQGAN trainer) and the VQ-KD / Cluster tokenizers (Wang et al., arXiv 2411.04406). Objective (t = step):
 
   generator_loss      L_G = w_mse MSE(x, x^) + w_lpips LPIPS(x, x^)
                             + sum_k (L_vq,k + beta L_commit,k + lambda_ent L_ent,k) + lambda_dis L_dis      (fqgan.py)
                             + w_rep sum_{k supervised} L_rep,k + w_adv(t) (-mean D(x^))
   discriminator_loss  L_D = w_adv(t) 1/2 (mean relu(1 - D(x)) + mean relu(1 + D(sg(x^))))         (hinge PatchGAN)
-  representation_loss L_rep ("representation learning", L_sem of the official code): InfoNCE of the feature head's
-                      class token against the teacher's CLS feature of the ORIGINAL image, temperature 1, negatives =
-                      the other images of the process's batch; or VQ-KD's per-token 1 - cos to the teacher's patches
+  representation_loss L_rep (L_sem of the official code): InfoNCE of the head's class token vs the teacher's CLS of
+                      the ORIGINAL image, temperature 1, negatives = the process's batch; VQ-KD: 1 - cos per patch
   w_adv(t) = disc_weight (0.5) from disc_start (20000) on, else 0; D is not run before; no adaptive weight.
-
-Stages (--stage): full (FQGAN); features (VQ-KD stage 1: only L_rep (cosine) + VQ terms, no pixels); decoder (VQ-KD
-stage 2 and Cluster: encoder and codebooks frozen, the decoder learns the pixel terms). --init=cluster: the frozen
-teacher is the encoder, the codebook a k-means of its patch features.
 
     python train_tokenizer.py                 # FQGAN-Dual on Fashion-MNIST 32 px with the IU teacher on branch 1
     python train_tokenizer.py --stage=features --model_overrides=n_codebooks=1 --teachers=fmnist_vit \\
@@ -23,13 +17,12 @@ teacher is the encoder, the codebook a k-means of its patch features.
     python train_tokenizer.py --stage=decoder --init=cluster --teachers=fmnist_vit --out_dir=out/cluster  # Cluster
     torchrun --standalone --nproc_per_node=8 train_tokenizer.py --preset=dual16 --data=/data/imagenet/train \\
         --batch_size=32 --max_steps=200000 --num_workers=8 --eval_interval=5000 --ckpt_interval=5000   # the paper
-    python train_tokenizer.py --resume=true ...   # continue out_dir/ckpt.pt exactly (pass the same flags)
 
 Shape legend: B batch, H W image size, h w latent grid, T = h*w tokens, K sub-codebooks, D code dim, W teacher width.
 """
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -41,8 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import (Logger, adamw, build, check, cli, convert, load_checkpoint, resume, rng_states,
                     save_checkpoint, session)
 from data import batches, make_dataset
-from fqgan import PRESETS as FQGAN_PRESETS
-from fqgan import FQGAN, FQGANConfig, ResidualAttentionBlock, checkpoint_dict, config_from_preset
+from fqgan import FQGAN, PRESETS, FQGANConfig, ResidualAttentionBlock, checkpoint_dict, config_from_preset
 from pretrained import lpips_vgg, teacher
 
 
@@ -52,12 +44,12 @@ class TrainConfig:
     data: str = "fashion-mnist"     # 'fashion-mnist' | 'synthetic' | PATH of an ImageFolder tree root/<class>/<image>
     val_data: str = ""              # held-out set for PSNR and the grid; '' = the test split of --data
     out_dir: str = "out/tokenizer"  # log.txt, ckpt.pt and recon_<step>.png are written here
-    resume: bool = False            # continue out_dir/ckpt.pt: weights, optimizers, step, data order, RNG
+    resume: bool = False            # continue out_dir/ckpt.pt exactly (same flags): weights, optimizers, step, RNG
     # model
     preset: str = "tiny"            # fqgan.PRESETS: tiny | vq16 | vq8 | dual16 | triple16 | dual8 | triple8
     model_overrides: str = ""       # FQGANConfig fields 'name=value;...', e.g. 'image_size=128;codebook_size=4096'
     stage: str = "full"             # full (FQGAN) | features (VQ-KD stage 1) | decoder (frozen encoder + codebooks)
-    init: str = ""                  # '' | PATH of a tokenizer checkpoint to start from | 'cluster' (see above)
+    init: str = ""                  # '' | PATH of a tokenizer checkpoint | cluster (frozen teacher, k-means codebook)
     kmeans_images: int = 10000      # --init=cluster: training images whose teacher patch features are clustered
     # optimisation (official: Adam betas (0.9, 0.95), lr 2e-4 constant, clip 1.0, global batch 256, ~200k steps)
     batch_size: int = 16            # images per micro-step per process (official: 32 per GPU)
@@ -77,8 +69,7 @@ class TrainConfig:
     disc_weight: float = 0.5        # w_adv of the generator hinge term and of the discriminator loss
     disc_ndf: int = 64              # PatchGAN base width
     disc_layers: int = 3            # PatchGAN n_layers (3: 256 px -> 30x30 logits; use 2 for 16 px images)
-    teachers: tuple = ("auto",)     # per branch: none | pretrained.TEACHERS name (clip_l14, dinov2_s14, fmnist_vit,
-    #                                 clip_tiny, ...); auto = the paper's map, fmnist_vit on branch 1 for the demo
+    teachers: tuple = ("auto",)     # per branch: none | pretrained.TEACHERS key; auto: official (demo: fmnist_vit on 1)
     teacher_paths: tuple = ("auto",)  # weight file per branch (same order); auto = the default place
     rep_loss: str = "infonce"       # 'infonce' on the CLS token (official) | 'cosine' per token (VQ-KD)
     rep_weight: float = 0.5         # w_rep per supervised branch (official 0.5)
@@ -99,16 +90,12 @@ class TrainConfig:
         check(self, positive="batch_size grad_accum lr log_interval eval_interval eval_images ckpt_interval "
                              "kmeans_images disc_ndf disc_layers rep_temperature", unit="beta1 beta2",
               stage=("full", "features", "decoder"), rep_loss=("infonce", "cosine"),
-              lpips=("auto", "vgg16", "tiny", "none"), preset=tuple(FQGAN_PRESETS))
+              lpips=("auto", "vgg16", "tiny", "none"), preset=tuple(PRESETS))
         if self.init == "cluster" and self.stage != "decoder":
             raise SystemExit("--init=cluster builds a frozen encoder and codebook: use it with --stage=decoder")
 
 
-OFFICIAL_TEACHERS = {2: ("none", "clip_l14"), 3: ("none", "dinov2_s14", "clip_b16")}  # Dual, Triple
-
-
 # ---- training-only networks
-
 class FeatPredHead(nn.Module):
     """Official "FeatPredHead" (also VQ-KD's feature decoder): one branch's codes -> MLP to the teacher width ->
     [cls; tokens] + positions -> LN -> CLIP blocks -> LN. Token 0 predicts the teacher's CLS, tokens 1.. its patches."""
@@ -131,8 +118,7 @@ class FeatPredHead(nn.Module):
 
 
 class Generator(nn.Module):
-    """Everything the generator optimizer trains, as one DDP module: the tokenizer and its feature heads. Stage
-    'decoder' quantizes without gradients (encoder and codebooks frozen); 'features' does not decode."""
+    """Everything the generator optimizer trains, as one DDP module: the tokenizer and its feature heads."""
 
     def __init__(self, tokenizer, heads, stage):
         super().__init__()
@@ -155,13 +141,12 @@ class PatchGAN(nn.Module):
 
     def __init__(self, ndf=64, n_layers=3):
         super().__init__()
-        layers, c = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf
+        c = [ndf * min(2 ** n, 8) for n in range(n_layers + 1)]  # widths, c[0] = ndf
+        layers = [nn.Conv2d(3, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         for n in range(1, n_layers + 1):
-            c_out = ndf * min(2 ** n, 8)
-            layers += [nn.Conv2d(c, c_out, 4, 2 if n < n_layers else 1, 1, bias=False), nn.BatchNorm2d(c_out),
+            layers += [nn.Conv2d(c[n - 1], c[n], 4, 2 if n < n_layers else 1, 1, bias=False), nn.BatchNorm2d(c[n]),
                        nn.LeakyReLU(0.2, True)]
-            c = c_out
-        self.main = nn.Sequential(*layers, nn.Conv2d(c, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers, nn.Conv2d(c[-1], 1, 4, 1, 1))
         for m in self.modules():  # pix2pix init: conv weights N(0, 0.02), BatchNorm gamma N(1, 0.02) (beta 0)
             if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
                 nn.init.normal_(m.weight, float(isinstance(m, nn.BatchNorm2d)), 0.02)
@@ -171,9 +156,7 @@ class PatchGAN(nn.Module):
 
 
 # ---- the objective
-
-def gan_weight(step, cfg):
-    """w_adv(t): disc_weight from disc_start on, else 0 (LlamaGen / FQGAN: 0.5 from step 20000)."""
+def gan_weight(step, cfg):  # w_adv(t) of the module docstring
     return cfg.disc_weight if step >= cfg.disc_start else 0.0
 
 
@@ -185,9 +168,8 @@ def representation_loss(pred, cls_t, patch_t, kind="infonce", temperature=1.0):
         p, t = F.normalize(pred[:, 0].float(), dim=-1), F.normalize(cls_t.float(), dim=-1)  # (B, W)
         return F.cross_entropy(p @ t.t() / temperature, torch.arange(len(p), device=p.device))
     tokens = pred[:, 1:].float()  # (B, T, W)
-    B, T, W = tokens.shape
-    h, g = math.isqrt(T), math.isqrt(patch_t.shape[1])
-    t = patch_t.float().transpose(1, 2).reshape(B, W, g, g)  # (B, W, g, g)
+    h, g = math.isqrt(tokens.shape[1]), math.isqrt(patch_t.shape[1])
+    t = patch_t.float().transpose(1, 2).unflatten(2, (g, g))  # (B, W, g, g)
     t = F.interpolate(t, size=(h, h), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)  # (B, T, W)
     return (1 - F.cosine_similarity(tokens, t, dim=-1)).mean()
 
@@ -220,11 +202,9 @@ def discriminator_loss(disc, x, fake, step, cfg):
 
 
 # ---- set-up
-
 def kmeans(x, k, iters=20, seed=0):
-    """Spherical (cosine) k-means of the rows of x (N, D) -> (k, D) unit centres: seeded k-means++ (the next centre
-    drawn with probability ~ 1 - cos = |x - c|^2 / 2 to the nearest centre so far), then Lloyd iterations; an empty
-    cluster is re-seeded with the worst-served point."""
+    """Spherical k-means of the rows of x (N, D) -> (k, D) unit centres: seeded k-means++ (next centre drawn with p ~
+    1 - cos to the nearest so far), then Lloyd iterations; an empty cluster is re-seeded with the worst-served point."""
     g, x = torch.Generator().manual_seed(seed), F.normalize(x.float(), dim=1)
     c = x[torch.randint(len(x), (1,), generator=g)]
     d = 1 - x @ c[0]  # (N,) cosine distance to the nearest centre
@@ -242,11 +222,12 @@ def kmeans(x, k, iters=20, seed=0):
 
 
 def teacher_names(cfg, K):
-    """One entry per branch: None or a pretrained.TEACHERS name."""
+    """{branch: (pretrained.TEACHERS name, weight path or None)} for each branch with a teacher."""
     names = cfg.teachers
     if names == ("auto",):
+        official = {2: ("none", "clip_l14"), 3: ("none", "dinov2_s14", "clip_b16")}  # Dual, Triple
         demo = ("none", "fmnist_vit") if K == 2 and cfg.data == "fashion-mnist" and cfg.stage == "full" else None
-        names = (demo or ("none",) * K) if cfg.preset == "tiny" else OFFICIAL_TEACHERS.get(K, ("none",) * K)
+        names = (demo or ("none",) * K) if cfg.preset == "tiny" else official.get(K, ("none",) * K)
     paths = cfg.teacher_paths * K if cfg.teacher_paths == ("auto",) else cfg.teacher_paths
     if len(names) != K or len(paths) != K:
         raise SystemExit(f"--teachers / --teacher_paths need one entry per sub-codebook ({K}), got {names} / {paths}")
@@ -254,8 +235,7 @@ def teacher_names(cfg, K):
 
 
 def cluster_tokenizer(cfg, log):
-    """The Cluster tokenizer: a ViT-trunk FQGAN whose trunk is the (frozen) IU teacher and whose codebook is the
-    k-means of the teacher's patch features over --kmeans_images training images."""
+    """The Cluster tokenizer: the frozen IU teacher as a ViT trunk, the codebook a k-means of its patch features."""
     name, path = teacher_names(cfg, 1).get("0", (None, None))
     if name is None:
         raise SystemExit("--init=cluster needs the teacher of its one sub-codebook: --teachers=fmnist_vit")
@@ -266,9 +246,8 @@ def cluster_tokenizer(cfg, log):
     base = config_from_preset(cfg.preset, **parse_overrides(cfg.model_overrides))
     levels = int(math.log2(c.patch)) + 1
     mult = (base.ch_mult + base.ch_mult[-1:] * levels)[:levels]  # decoder levels for the teacher's patch size
-    tok = FQGAN(FQGANConfig(**{**asdict(base), **dict(
-        encoder="vit", image_size=c.image_size, ch_mult=mult, n_codebooks=1, codebook_dim=c.width, adapter_layers=0,
-        vit_layers=c.layers, adapter_heads=c.heads)}))
+    tok = FQGAN(replace(base, encoder="vit", image_size=c.image_size, ch_mult=mult, n_codebooks=1, codebook_dim=c.width,
+                        adapter_layers=0, vit_layers=c.layers, adapter_heads=c.heads))
     tok.encoder.load_state_dict(net.body.state_dict())  # the teacher's own weights: encoder(x) = its patch features
     tok.encoder.eval()  # its BatchNorm statistics are the teacher's: never updated
     train_ds = make_dataset(cfg.data, c.image_size, "train")
@@ -298,10 +277,7 @@ def make_tokenizer(cfg, ckpt, log):
         return build(FQGAN, ckpt or load_checkpoint(cfg.init, "fqgan"), src).train()
     if cfg.init == "cluster":
         return cluster_tokenizer(cfg, log)
-    try:
-        return FQGAN(config_from_preset(cfg.preset, **parse_overrides(cfg.model_overrides)))
-    except (ValueError, TypeError) as e:
-        raise SystemExit(f"--preset / --model_overrides: {e}") from None
+    return FQGAN(config_from_preset(cfg.preset, **parse_overrides(cfg.model_overrides)))  # a bad value: ValueError
 
 
 @torch.no_grad()
@@ -326,107 +302,97 @@ def evaluate(tok, images, s, batch_size, grid_path=None):
 
 
 # ---- training
-
 def main(cfg):
     """Train; returns {'step', 'psnr', 'history' (a dict per log line), 'bad_files', 'tokenizer', 'heads', 'disc'}."""
     with session(cfg.device) as s:
-        return train(cfg, s)
+        log, path = Logger(cfg.out_dir, s.master), Path(cfg.out_dir) / "ckpt.pt"
+        ckpt = load_checkpoint(path, "fqgan") if cfg.resume else None
+        use_compile = cfg.compile and s.device_type == "cuda"
+        log(f"device {s.device} | world size {s.world_size} | torch {torch.__version__} | compile {use_compile}")
+        log(f"train config: {asdict(cfg)}")
+        torch.manual_seed(cfg.seed)  # the same initial networks on every rank
+        tok = make_tokenizer(cfg, ckpt, log)
+        names = teacher_names(cfg, tok.cfg.n_codebooks) if cfg.stage != "decoder" else {}  # decoder stage: pixels only
+        log(f"model config: {asdict(tok.cfg)}")
+        train_ds = make_dataset(cfg.data, tok.cfg.image_size, "train", augment=True)
+        val_ds = make_dataset(cfg.val_data or cfg.data, tok.cfg.image_size, "test")
+        pick = torch.linspace(0, len(val_ds) - 1, min(cfg.eval_images, len(val_ds))).long()[s.rank::s.world_size]
+        held_out = torch.stack([val_ds[int(i)][0] for i in pick])  # (n, 3, H, W), this rank's share
+        global_batch = cfg.batch_size * cfg.grad_accum * s.world_size
+        log(f"data {cfg.data}: {len(train_ds)} train images, {len(val_ds)} held-out | global batch {global_batch} = "
+            f"{cfg.batch_size} x {cfg.grad_accum} accum x {s.world_size} ranks")
 
+        teachers = {k: teacher(n, p, cfg.download).to(s.device) for k, (n, p) in names.items()}
+        lpips_name = cfg.lpips if cfg.lpips != "auto" else ("none" if cfg.preset == "tiny" else "vgg16")
+        lpips = None if lpips_name == "none" or cfg.stage == "features" else lpips_vgg(
+            lpips_name, cfg.lpips_vgg_path or None, cfg.lpips_lin_path or None, cfg.download).to(s.device)
+        heads = nn.ModuleDict({k: FeatPredHead(tok.cfg.codebook_dim, t.width, tok.grid ** 2, cfg.rep_layers)
+                               for k, t in teachers.items()})
+        frozen = dict(decoder=(tok.encoder, tok.branches, tok.quantizers), features=(tok.post_quant_conv, tok.decoder))
+        for m in frozen.get(cfg.stage, ()):  # decoder: only post_quant_conv + decoder learn; features: no decoder
+            m.requires_grad_(False)
+        gen, disc = Generator(tok, heads, cfg.stage).to(s.device), PatchGAN(cfg.disc_ndf, cfg.disc_layers).to(s.device)
+        opt, opt_d = (adamw(m, cfg.lr, (cfg.beta1, cfg.beta2), 0.0, s.device_type) for m in (gen, disc))  # Adam
+        count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+        log(f"parameters (M): tokenizer {count(tok):.3f} | heads {count(heads):.3f} | discriminator {count(disc):.3f}"
+            f" | teachers {names} | lpips {lpips_name} | stage {cfg.stage}")
+        step = resume(ckpt, dict(heads=heads, disc=disc, opt=opt, opt_disc=opt_d), s, cfg, path, log)
+        # compile after the optimizers, before DDP; the raw modules stay in hand for saving and evaluation
+        gen_c, disc_c = (torch.compile(gen), torch.compile(disc)) if use_compile else (gen, disc)
+        gen_ddp, disc_ddp = gen_c, disc_c
+        if s.world_size > 1:
+            ids = [s.local_rank] if s.device_type == "cuda" else None
+            gen_ddp = DDP(gen_c, device_ids=ids, broadcast_buffers=False)  # no BatchNorm; usage windows stay per rank
+            disc_ddp = DDP(disc_c, device_ids=ids)  # BatchNorm statistics broadcast from rank 0
+        data = batches(train_ds, cfg.batch_size, cfg.seed, s.rank, s.world_size, step * cfg.grad_accum, cfg.num_workers)
 
-def train(cfg, s):
-    log, path = Logger(cfg.out_dir, s.master), Path(cfg.out_dir) / "ckpt.pt"
-    ckpt = load_checkpoint(path, "fqgan") if cfg.resume else None
-    use_compile = cfg.compile and s.device_type == "cuda"
-    log(f"device {s.device} | world size {s.world_size} | torch {torch.__version__} | compile {use_compile}")
-    log(f"train config: {asdict(cfg)}")
-    torch.manual_seed(cfg.seed)  # the same initial networks on every rank
-    tok = make_tokenizer(cfg, ckpt, log)
-    K, size = tok.cfg.n_codebooks, tok.cfg.image_size
-    names = teacher_names(cfg, K) if cfg.stage != "decoder" else {}  # the decoder stage learns pixels only
-    log(f"model config: {asdict(tok.cfg)}")
-    train_ds = make_dataset(cfg.data, size, "train", augment=True)
-    val_ds = make_dataset(cfg.val_data or cfg.data, size, "test")
-    pick = torch.linspace(0, len(val_ds) - 1, min(cfg.eval_images, len(val_ds))).long()[s.rank::s.world_size]
-    held_out = torch.stack([val_ds[int(i)][0] for i in pick])  # (n, 3, H, W), this rank's share
-    global_batch = cfg.batch_size * cfg.grad_accum * s.world_size
-    log(f"data {cfg.data}: {len(train_ds)} train images, {len(val_ds)} held-out | global batch {global_batch} = "
-        f"{cfg.batch_size} x {cfg.grad_accum} accum x {s.world_size} ranks")
-
-    teachers = {k: teacher(n, p, cfg.download).to(s.device) for k, (n, p) in names.items()}
-    lpips_name = cfg.lpips if cfg.lpips != "auto" else ("none" if cfg.preset == "tiny" else "vgg16")
-    lpips = None if lpips_name == "none" or cfg.stage == "features" else lpips_vgg(
-        lpips_name, cfg.lpips_vgg_path or None, cfg.lpips_lin_path or None, cfg.download).to(s.device)
-    heads = nn.ModuleDict({k: FeatPredHead(tok.cfg.codebook_dim, t.width, tok.grid ** 2, cfg.rep_layers)
-                           for k, t in teachers.items()})
-    frozen = {"decoder": (tok.encoder, tok.branches, tok.quantizers), "features": (tok.post_quant_conv, tok.decoder)}
-    for m in frozen.get(cfg.stage, ()):  # decoder: only post_quant_conv + decoder learn; features: no decoder
-        m.requires_grad_(False)
-    gen, disc = Generator(tok, heads, cfg.stage).to(s.device), PatchGAN(cfg.disc_ndf, cfg.disc_layers).to(s.device)
-    opt = adamw(gen, cfg.lr, (cfg.beta1, cfg.beta2), 0.0, s.device_type)  # Adam: no weight decay (official)
-    opt_d = adamw(disc, cfg.lr, (cfg.beta1, cfg.beta2), 0.0, s.device_type)
-    count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
-    log(f"parameters (M): tokenizer {count(tok):.3f} | heads {count(heads):.3f} | discriminator {count(disc):.3f} | "
-        f"teachers {names} | lpips {lpips_name} | stage {cfg.stage}")
-    step = resume(ckpt, dict(heads=heads, disc=disc, opt=opt, opt_disc=opt_d), s, cfg, path, log)
-    # compile after the optimizers, before DDP; the raw modules stay in hand for saving and evaluation
-    gen_c, disc_c = (torch.compile(gen), torch.compile(disc)) if use_compile else (gen, disc)
-    gen_ddp, disc_ddp = gen_c, disc_c
-    if s.world_size > 1:
-        ids = [s.local_rank] if s.device_type == "cuda" else None
-        gen_ddp = DDP(gen_c, device_ids=ids, broadcast_buffers=False)  # no BatchNorm; usage windows stay per rank
-        disc_ddp = DDP(disc_c, device_ids=ids)  # BatchNorm statistics broadcast from rank 0
-    data = batches(train_ds, cfg.batch_size, cfg.seed, s.rank, s.world_size, step * cfg.grad_accum, cfg.num_workers)
-
-    first, history, sums, bad, psnr, t0 = step, [], {}, 0, float("nan"), time.time()
-    while True:
-        last = step == cfg.max_steps
-        if ((step % cfg.eval_interval == 0 and (step != first or step == 0)) or last) and cfg.stage != "features":
-            t_eval = time.time()
-            psnr = evaluate(tok, held_out, s, cfg.batch_size, Path(cfg.out_dir) / f"recon_{step:07d}.png"
-                            if s.master else None)
-            log(f"step {step} | held-out PSNR {psnr:.2f} dB")
-            t0 += time.time() - t_eval
-        if (step % cfg.ckpt_interval == 0 and step != first) or last:
-            extra = dict(train_config=asdict(cfg), step=step, disc=disc.state_dict(), heads=heads.state_dict(),
-                         opt=opt.state_dict(), opt_disc=opt_d.state_dict(), **rng_states(s))
-            if s.master:
-                save_checkpoint(checkpoint_dict(tok, **extra), path)
-        if last:
-            break
-        micro = [next(data)[1:] for _ in range(cfg.grad_accum)]
-        bad += sum(int((y < 0).sum()) for _, y in micro)
-        micro = [(x[y >= 0].to(s.device, non_blocking=True), y) for x, y in micro]  # skip unreadable images
-        if any(len(x) == 0 for x, _ in micro):
-            raise SystemExit("a whole batch of unreadable images: check the files under --data")
-        parts, stats = train_step(cfg, s, step, micro, (gen, gen_ddp, opt), (disc, disc_ddp, disc_c, opt_d),
-                                  teachers, lpips)
-        step += 1
-        for k, v in parts.items():  # running (sum, count) of detached tensors; .item() only on log steps
-            sums[k] = (sums.get(k, (0, 0))[0] + v, sums.get(k, (0, 0))[1] + 1)
-        if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            if s.device_type == "cuda":
-                torch.cuda.synchronize()
-            dt, n = time.time() - t0, sums["loss"][1]
-            losses = {k: (total / c).item() for k, (total, c) in sums.items()}
-            if not all(map(math.isfinite, losses.values())):
-                raise SystemExit(f"loss became NaN/inf before step {step}: stopping; {path} keeps the last good state")
-            row = dict(step=step, **losses, usage=stats["usage"].tolist(), perplexity=stats["perplexity"].tolist(),
-                       img_per_s=n * global_batch / dt)
-            history.append(row)
-            log(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in losses.items())
-                + f" | usage {','.join(f'{u:.2f}' for u in row['usage'])} ppl "
-                + ",".join(f"{p:.0f}" for p in row["perplexity"]) + f" | {1000 * dt / n:.0f} ms/step"
-                + f" | {row['img_per_s']:.1f} img/s" + (f" | skipped unreadable files {bad}" if bad else ""))
-            sums, t0 = {}, time.time()
-    log(f"done: step {step} | held-out PSNR {psnr:.2f} dB | checkpoint {path}")
-    return {"step": step, "psnr": psnr, "history": history, "bad_files": bad, "tokenizer": tok, "heads": heads,
-            "disc": disc}
+        first, history, sums, bad, psnr, t0 = step, [], {}, 0, float("nan"), time.time()
+        while True:
+            last = step == cfg.max_steps
+            if ((step % cfg.eval_interval == 0 and (step != first or step == 0)) or last) and cfg.stage != "features":
+                t_eval = time.time()
+                psnr = evaluate(tok, held_out, s, cfg.batch_size, Path(cfg.out_dir) / f"recon_{step:07d}.png"
+                                if s.master else None)
+                log(f"step {step} | held-out PSNR {psnr:.2f} dB")
+                t0 += time.time() - t_eval
+            if (step % cfg.ckpt_interval == 0 and step != first) or last:
+                extra = dict(train_config=asdict(cfg), step=step, disc=disc.state_dict(), heads=heads.state_dict(),
+                             opt=opt.state_dict(), opt_disc=opt_d.state_dict(), **rng_states(s))
+                if s.master:
+                    save_checkpoint(checkpoint_dict(tok, **extra), path)
+            if last:
+                break
+            micro = [next(data)[1:] for _ in range(cfg.grad_accum)]
+            bad += sum(int((y < 0).sum()) for _, y in micro)
+            micro = [(x[y >= 0].to(s.device, non_blocking=True), y) for x, y in micro]  # skip unreadable images
+            if any(len(x) == 0 for x, _ in micro):
+                raise SystemExit("a whole batch of unreadable images: check the files under --data")
+            parts, stats = train_step(cfg, s, step, micro, (gen, gen_ddp, opt), (disc, disc_ddp, disc_c, opt_d),
+                                      teachers, lpips)
+            step += 1
+            for k, v in parts.items():  # running (sum, count) of detached tensors; .item() only on log steps
+                sums[k] = (sums.get(k, (0, 0))[0] + v, sums.get(k, (0, 0))[1] + 1)
+            if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                losses = {k: (total / c).item() for k, (total, c) in sums.items()}  # .item() syncs: time after it
+                dt, n = time.time() - t0, sums["loss"][1]
+                if not all(map(math.isfinite, losses.values())):
+                    raise SystemExit(f"loss became NaN/inf before step {step}: stopping; "
+                                     f"{path} keeps the last good state")
+                row = dict(step=step, **losses, usage=stats["usage"].tolist(), perplexity=stats["perplexity"].tolist(),
+                           img_per_s=n * global_batch / dt)
+                history.append(row)
+                log(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+                    + f" | usage {','.join(f'{u:.2f}' for u in row['usage'])} ppl "
+                    + ",".join(f"{p:.0f}" for p in row["perplexity"]) + f" | {1000 * dt / n:.0f} ms/step"
+                    + f" | {row['img_per_s']:.1f} img/s" + (f" | skipped unreadable files {bad}" if bad else ""))
+                sums, t0 = {}, time.time()
+        log(f"done: step {step} | held-out PSNR {psnr:.2f} dB | checkpoint {path}")
+        return dict(step=step, psnr=psnr, history=history, bad_files=bad, tokenizer=tok, heads=heads, disc=disc)
 
 
 def train_step(cfg, s, step, micro, generator, discriminator, teachers, lpips):
-    """One optimizer step: the generator (tokenizer + heads) over the micro-batches, then, once the GAN is on, the
-    discriminator on the same images and detached reconstructions. -> (detached means of the loss terms, the last
-    micro-batch's usage and perplexity per sub-codebook)."""
+    """One optimizer step of the generator (tokenizer + heads) over the micro-batches, then (GAN on) of D on the same
+    images and detached reconstructions. -> (detached mean loss terms, the last micro-batch's usage and perplexity)."""
     (gen, gen_ddp, opt), (disc, disc_ddp, disc_c, opt_d) = generator, discriminator
     disc.requires_grad_(False)  # the generator's GAN term must not train D
     parts, fakes, n = {}, [], len(micro)
