@@ -1,12 +1,11 @@
 """
-Train the two small Fashion-MNIST networks of this project on the labelled train split (pretrained.Classifier):
+Train the two small Fashion-MNIST networks (pretrained.Classifier) on the labelled train split:
 
-  --net=teacher  the image-understanding (IU) teacher: a compact hybrid ViT, the paper family's "supervised ViT".
-                 It supervises FQGAN's semantic branch (train_tokenizer.py --teachers=none,fmnist_vit), is distilled
-                 by VQ-KD and is the encoder of the Cluster tokenizer. Its input is the tokenizer's [-1, 1] image.
-  --net=featnet  the evaluation network, a small CNN: its penultimate features give FID-FMNIST and its predictions
-                 the class accuracy of samples (eval_fid.py --net=fmnist). It is not the teacher: a metric must not
-                 be the training target.
+  --net=teacher  the image-understanding (IU) teacher, a compact hybrid ViT (the paper family's "supervised ViT"): it
+                 supervises FQGAN's semantic branch (--teachers=none,fmnist_vit), is distilled by VQ-KD and is the
+                 Cluster tokenizer's encoder. Its input is the tokenizer's [-1, 1] image.
+  --net=featnet  the evaluation CNN: its features give FID-FMNIST, its predictions the class accuracy of samples
+                 (eval_fid.py --net=fmnist). It is not the teacher: a metric must not be the training target.
 
     python train_classifier.py                  # the teacher -> out/teacher/ckpt.pt
     python train_classifier.py --net=featnet    # the evaluation CNN -> out/featnet/ckpt.pt
@@ -26,7 +25,7 @@ from data import make_dataset
 from pretrained import TRAINED_HERE, Classifier, ClassifierConfig, checkpoint_dict
 
 NETS = {  # --net -> (ClassifierConfig fields, recipe: epochs, batch size, peak lr, random flips)
-    "teacher": (dict(net="vit", width=32, patch=8, layers=4, heads=4, mean=0.5, std=0.5), (10, 256, 3e-3, False)),
+    "teacher": (dict(net="vit", width=32, patch=8, layers=4, heads=2, mean=0.5, std=0.5), (10, 256, 3e-3, False)),
     "featnet": (dict(net="cnn", width=128, mean=0.2860, std=0.3530), (3, 128, 2e-3, True)),
 }
 
@@ -56,7 +55,7 @@ def accuracy(model, images, labels, s):
 
 def main(cfg):
     """Train, test, save; returns {'test_acc', 'seconds', 'path', 'model'}."""
-    with session(cfg.device) as s:
+    with session(cfg.device, all_cores=True) as s:  # it runs alone: both cores (OMP_NUM_THREADS=1 if busy)
         arch, (epochs, batch_size, lr, flip) = NETS[cfg.net]
         epochs, batch_size, lr = cfg.epochs or epochs, cfg.batch_size or batch_size, cfg.lr or lr
         path, log = cfg.out or TRAINED_HERE[cfg.net], Logger(None)
@@ -66,7 +65,7 @@ def main(cfg):
         opt = adamw(model, lr, (0.9, 0.999), cfg.weight_decay, s.device_type)
         steps = math.ceil(epochs * len(train) / batch_size)
         log(f"{cfg.net}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f} M parameters, {steps} steps of "
-            f"{batch_size} on {s.device} | {asdict(model.cfg)}")
+            f"{batch_size} on {s.device} ({torch.get_num_threads()} threads) | {asdict(model.cfg)}")
         g, t0 = torch.Generator().manual_seed(cfg.seed), time.time()
         for step in range(steps):
             idx = torch.randint(len(train), (batch_size,), generator=g)
