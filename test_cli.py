@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import atomic_write, save_checkpoint
+from common import atomic_write, save_checkpoint, session
 from far import checkpoint_dict as far_checkpoint
 from fqgan import checkpoint_dict as fqgan_checkpoint
 from conftest import tiny_far, tiny_fqgan
@@ -119,3 +119,21 @@ def test_killed_writes_leave_no_half_file_and_stale_temps_are_cleaned(tmp_path):
         atomic_write(target, dies)
     assert torch.load(target, weights_only=True) == {"step": 1}  # the old file is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temp file left behind, old one removed
+
+
+def test_session_threads(monkeypatch):
+    """One torch thread per process by default (several share the cores); all_cores keeps torch's setting (a job
+    that runs alone: train_classifier.py); OMP_NUM_THREADS, when set, always wins."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(2)
+        with session("cpu"):
+            assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        with session("cpu", all_cores=True):
+            assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        with session("cpu"):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)  # the test session's setting (conftest)
