@@ -10,8 +10,8 @@ Train the two small Fashion-MNIST networks (pretrained.Classifier) on the labell
     python train_classifier.py                  # the teacher -> out/teacher/ckpt.pt
     python train_classifier.py --net=featnet    # the evaluation CNN -> out/featnet/ckpt.pt
 
-AdamW, linear warm-up then cosine decay, label smoothing 0.1, 32 px; recipes in NETS (the teacher trains without
-flips: they cost it ~0.5 points here). The test accuracy goes into the checkpoint.
+AdamW, warm-up then cosine decay, label smoothing 0.1, 32 px; recipes in NETS (no flips or 2-pixel shifts for the
+teacher: they cost it ~0.5 and ~1.3 points here). The test accuracy goes into the checkpoint.
 """
 import math
 import time
