@@ -140,7 +140,8 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        widths, c = [cfg.ch * m for m in reversed(cfg.ch_mult)], cfg.ch * cfg.ch_mult[-1]
+        widths = [cfg.ch * m for m in reversed(cfg.ch_mult)]
+        c = widths[0]
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
         self.mid = nn.Sequential(ResnetBlock(c, c, cfg.dropout), AttnBlock(c), ResnetBlock(c, c, cfg.dropout))
         self.conv_blocks = res_levels(cfg, [c] + widths, cfg.num_res_blocks + 1, 0, up=True)
