@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -119,7 +120,15 @@ class FeedForward(nn.Module):
         self.w2, self.drop = nn.Linear(hidden, cfg.n_embd, bias=False), nn.Dropout(cfg.ffn_dropout)
 
     def forward(self, x):
-        return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        return self.drop(self.w2(recompute(lambda a, b: F.silu(a) * b, self.w1(x), self.w3(x))))
+
+
+def recompute(fn, *args):
+    """fn(*args), pointwise (RMSNorm, SwiGLU gate); with autograd on, only args are kept and fn runs again in the
+    backward: ~25% less activation memory in training for a few % more time (BENCHMARKS.md)."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
 
 
 class Block(nn.Module):
@@ -131,8 +140,8 @@ class Block(nn.Module):
         self.ffn_norm, self.ffn = RMSNorm(cfg.n_embd, cfg.norm_eps), FeedForward(cfg)
 
     def forward(self, x, rope, pos=None):
-        x = x + self.attn(self.attn_norm(x), rope, pos)
-        return x + self.ffn(self.ffn_norm(x))
+        x = x + self.attn(recompute(self.attn_norm, x), rope, pos)
+        return x + self.ffn(recompute(self.ffn_norm, x))
 
 
 class FAR(nn.Module):
@@ -199,8 +208,10 @@ class FAR(nn.Module):
         feats = self.head(self.backbone(idx, labels), idx)
         if targets is None:
             return torch.stack([self.out(z, k) for k, z in enumerate(feats)], 1), None
-        return None, torch.stack([F.cross_entropy(self.out(z, k).flatten(0, 1), targets[:, k].flatten())
-                                  for k, z in enumerate(feats)])
+        mlp = self.cfg.head == "mlp"
+        return None, torch.stack([LinearCrossEntropy.apply((self.mlps[k](z) if mlp else z).flatten(0, 1),
+                                                           self.lm_head[k].weight, targets[:, k].flatten(),
+                                                           torch.is_grad_enabled()) for k, z in enumerate(feats)])
 
     # ---- sampling
     def decode_step(self, x, pos, u, cfg_scale, temperature, top_k, top_p):
@@ -265,6 +276,34 @@ class FAR(nn.Module):
         model = cls(FARConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
         return model.eval()
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """F.cross_entropy(F.linear(z, W).float(), y), z (N, D), W (V, D), y (N,), walking N in chunks: with grads, dz and
+    dW (softmax - onehot) are made on the way, so no (N, V) tensor is kept for the backward. Same FLOPs as the plain
+    path."""
+
+    @staticmethod
+    def forward(ctx, z, w, y, grads):
+        rows = max(1, 2 ** 22 // w.shape[0])  # 4M logits (16 MiB fp32) per chunk
+        loss, dz, dw = z.new_zeros((), dtype=torch.float32), torch.zeros_like(z), torch.zeros_like(w)
+        for s in range(0, len(z), rows):
+            zc, yc = z[s:s + rows], y[s:s + rows]
+            logits = (zc @ w.t()).float()  # (n, V)
+            loss -= logits.log_softmax(-1).gather(1, yc[:, None]).sum()
+            if grads:
+                g = logits.softmax(-1)
+                g[torch.arange(len(yc), device=g.device), yc] -= 1.0
+                g = g.div_(len(z)).to(zc.dtype)  # dloss/dlogits of the mean
+                dz[s:s + rows] = g @ w
+                dw += g.t() @ zc
+        ctx.save_for_backward(dz, dw)
+        return loss / len(z)
+
+    @staticmethod
+    def backward(ctx, grad):  # scales the stored gradients in place (no second copy): one backward per forward
+        dz, dw = ctx.saved_tensors
+        return dz.mul_(grad), dw.mul_(grad), None, None
 
 
 def sample_logits(logits, u, temperature=1.0, top_k=0, top_p=1.0):
