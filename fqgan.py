@@ -262,17 +262,16 @@ class Quantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             z = F.normalize(z.float().permute(0, 2, 3, 1), dim=-1)  # (B, h, w, D) unit vectors
             zf, e = z.reshape(-1, z.shape[-1]), self.codebook()  # (N, D), N = B*h*w; (V, D)
-            d = zf.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * zf @ e.t()  # (N, V) = 2 - 2 cos
-            idx = d.argmin(1)  # (N,)
+            entropy = with_losses and cfg.entropy_ratio > 0
+            h, idx = NearestCode.apply(zf, e, cfg.entropy_temperature if entropy else 0.0)  # (), (N,)
             q = e[idx].view_as(z)  # (B, h, w, D)
             stats = {"indices": idx.view(z.shape[:3])}
             if with_losses:
                 stats["vq_loss"] = F.mse_loss(q, z.detach())  # moves the codebook
                 stats["commit_loss"] = cfg.beta * F.mse_loss(q.detach(), z)  # moves the encoder
-                stats["entropy_loss"] = cfg.entropy_ratio * entropy_loss(d, cfg.entropy_temperature) \
-                    if cfg.entropy_ratio > 0 else d.new_zeros(())
+                stats["entropy_loss"] = cfg.entropy_ratio * h
             with torch.no_grad():
-                counts = torch.zeros(cfg.codebook_size, device=z.device).index_add_(0, idx, torch.ones_like(d[:, 0]))
+                counts = torch.zeros(cfg.codebook_size, device=z.device).index_add_(0, idx, torch.ones_like(zf[:, 0]))
                 p = counts / counts.sum()
                 stats["perplexity"] = torch.exp(-(p * torch.log(p + 1e-10)).sum())
                 if self.training:  # slide the usage window
@@ -289,14 +288,49 @@ class Quantizer(nn.Module):
         return seen[:V].sum() / V
 
 
-def entropy_loss(d, temperature):
-    """LlamaGen's H_sample - H_avg, p = softmax(-d / temperature), d (N, V): H_sample = mean_n logsumexp(l_n) - sum_j
-    p_nj l_nj (no log-softmax; the official +1e-5 logit shift is a no-op), H_avg = -sum_j pbar_j log(pbar_j + 1e-5)."""
-    logits = d.mul(-1.0 / temperature)  # (N, V): d itself is not saved by autograd, so this is the only copy
-    p = F.softmax(logits, dim=-1)
-    sample_entropy = (torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)).mean()
-    p_avg = p.mean(0)
-    return sample_entropy + (p_avg * torch.log(p_avg + 1e-5)).sum()
+def distances(z, e):
+    """Squared distances (n, V) of rows z (n, D) to codes e (V, D), |z|^2 + |e|^2 - 2 z.e (the official formula)."""
+    return torch.addmm(z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1), z, e.t(), alpha=-2.0)
+
+
+class NearestCode(torch.autograd.Function):
+    """Nearest code of each row of zf (N, D) and, if temperature > 0, LlamaGen's entropy loss mean_n H(p_n) - H(pbar)
+    (H(pbar) with log(pbar + 1e-5); the official +1e-5 logit shift is a no-op), p_n = softmax(-d_n / temperature),
+    pbar = mean_n p_n. N is walked in chunks; nothing (N, V) is kept: the backward recomputes the distances."""
+
+    @staticmethod
+    def forward(ctx, zf, e, temperature):  # -> (loss (), indices (N,))
+        rows, idx = max(1, 2 ** 22 // len(e)), []
+        h, psum = zf.new_zeros(()), e.new_zeros(len(e))
+        for s in range(0, len(zf), rows):
+            d = distances(zf[s:s + rows], e)  # (n, V)
+            idx.append(d.argmin(1))
+            if temperature > 0:
+                logits = d.mul_(-1.0 / temperature)
+                p = logits.softmax(-1)
+                h -= torch.dot(p.flatten(), logits.log_softmax(-1).flatten())  # sum_n H(p_n)
+                psum += p.sum(0)
+        pbar, idx = psum / len(zf), torch.cat(idx)
+        ctx.save_for_backward(zf, e, pbar)
+        ctx.temperature, ctx.rows = temperature, rows
+        ctx.mark_non_differentiable(idx)
+        return (h / len(zf) + (pbar * torch.log(pbar + 1e-5)).sum() if temperature > 0 else h), idx
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        zf, e, pbar = ctx.saved_tensors
+        t, rows, dz, de = ctx.temperature, ctx.rows, torch.zeros_like(zf), torch.zeros_like(e)
+        if t == 0:
+            return dz, de, None
+        c, scale = torch.log(pbar + 1e-5) + pbar / (pbar + 1e-5), grad * 2.0 / (t * len(zf))  # (V,), ()
+        for s in range(0, len(zf), rows):
+            zc = zf[s:s + rows]
+            logits = distances(zc, e).mul_(-1.0 / t)  # (n, V)
+            p = logits.softmax(-1)
+            g = (c - logits).add_(((p * logits).sum(-1) - p @ c)[:, None]).mul_(p)  # N dloss/dlogits; rows sum to 0
+            dz[s:s + rows] = scale * (g @ e)  # d = |z|^2 + |e|^2 - 2 z.e, dd/dlogits = -t; |z|^2 drops (rows sum 0)
+            de += scale * (g.t() @ zc - e * g.sum(0)[:, None])
+        return dz, de, None
 
 
 def disentangle_loss(codes):

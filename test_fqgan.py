@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fqgan
 from conftest import load_fixture, recipe_state_dict, tiny_fqgan
-from fqgan import FQGAN, FQGANConfig, checkpoint_dict, config_from_preset, disentangle_loss, entropy_loss
+from fqgan import FQGAN, FQGANConfig, NearestCode, checkpoint_dict, config_from_preset, disentangle_loss, distances
 
 TOKENIZER_FIXTURES = ["llamagen_vq16", "fqgan_dual_ds16", "fqgan_triple_ds16", "fqgan_dual_ds8"]
 
@@ -306,11 +306,23 @@ def official_entropy(d, temperature):
 
 
 @pytest.mark.parametrize("temperature", [0.01, 0.5])
-def test_entropy_loss_matches_official_formula(temperature):
-    d = 4 * torch.rand(6, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # distances in [0, 4]
-    torch.testing.assert_close(entropy_loss(d, temperature), official_entropy(d, temperature), rtol=0, atol=1e-10)
-    torch.testing.assert_close(entropy_loss(d.float(), temperature), official_entropy(d, temperature).float(),
-                               rtol=1e-5, atol=1e-6)
+def test_nearest_code_matches_official_formula(temperature):
+    """The chunked NearestCode (V = 2**16 -> 64 rows per chunk, N = 150 -> 3 chunks): argmin, entropy loss and its
+    gradients to z and the codebook equal autograd through the official formula on the full (N, V) distances (fp64)."""
+    g = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(150, 8, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    e = F.normalize(torch.randn(2 ** 16, 8, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    d = z.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * z @ e.t()  # (N, V), as the official quantizer
+    loss, idx = NearestCode.apply(z, e, temperature)
+    ref = official_entropy(d, temperature)
+    zf, ef = z.detach().float(), e.detach().float()
+    assert torch.equal(idx, d.argmin(1))
+    assert torch.equal(distances(zf, ef), zf.pow(2).sum(1, keepdim=True) + ef.pow(2).sum(1) - 2 * zf @ ef.t())
+    torch.testing.assert_close(loss, ref, rtol=0, atol=1e-10)
+    for ours, official in zip(torch.autograd.grad(3 * loss, (z, e)), torch.autograd.grad(3 * ref, (z, e))):
+        torch.testing.assert_close(ours, official, rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        assert NearestCode.apply(z, e, 0.0)[0] == 0 and torch.equal(NearestCode.apply(z, e, 0.0)[1], idx)
 
 
 def test_quantizer_losses_by_hand():
