@@ -98,9 +98,9 @@ class Session:
     def autocast(self):
         return autocast(self.device_type)
 
-    def all_reduce(self, t):
+    def all_reduce(self, t, group=None):
         if self.world_size > 1:
-            dist.all_reduce(t)
+            dist.all_reduce(t, group=group)
         return t
 
 
@@ -223,8 +223,7 @@ def get_lr(step, lr, warmup=0, max_steps=0, decay="constant", min_ratio=0.1):
 
 
 def adamw(module, lr, betas, weight_decay, device_type):
-    """AdamW with weight decay on >= 2-D tensors only (matrices, conv kernels, embeddings), fused on CUDA. With
-    weight_decay 0 it is Adam, the FQGAN tokenizer recipe; FAR decays with 0.05."""
+    """AdamW, weight decay on >= 2-D tensors only, fused on CUDA; weight_decay 0 = Adam (FQGAN tokenizer; FAR: 0.05)."""
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -263,8 +262,7 @@ def resume(ckpt, parts, s, cfg, path, log):
 
 
 def image_seed(seed, i):
-    """The per-image seed rule of sample.py and eval_fid.py: image i of a run with --seed=seed. The same label and
-    per-image seed give the same image from either script, on any number of GPUs and any batch size."""
+    """The seed of image i under --seed=seed in sample.py and eval_fid.py: same label, same image, any batch or GPUs."""
     return seed * 1_000_003 + i
 
 

@@ -50,7 +50,6 @@ class Tensors(torch.utils.data.TensorDataset):
     def __init__(self, images, labels, flip=False):
         super().__init__(images, labels)
         self.images, self.labels, self.flip, self.seed, self.epoch = images, labels, flip, 0, 0
-        self.num_classes = int(labels.max()) + 1
 
     def __getitem__(self, i):
         x = self.images[i].expand(3, -1, -1)
@@ -89,7 +88,7 @@ class ImageFolder(torch.utils.data.Dataset):
                         if p.suffix.lower() in IMG_EXT]
         if not self.samples:
             raise SystemExit(f"--data={root}: no images under {root}/<class>/ (extensions {sorted(IMG_EXT)})")
-        self.size, self.augment, self.seed, self.epoch, self.num_classes = image_size, augment, 0, 0, len(self.classes)
+        self.size, self.augment, self.seed, self.epoch = image_size, augment, 0, 0
 
     def __len__(self):
         return len(self.samples)

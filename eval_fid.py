@@ -241,8 +241,7 @@ def rfid(cfg, s, net, ref, log):
             out["ref_feats"] = features(net, to_uint8(x), s)["feats"]
         return {**out, **({"images": rec} if cfg.save_npz else {})}
     g = per_rank(cfg, s, n, step, "rfid", data=ds)
-    if s.world_size > 1:
-        dist.all_reduce(counts, group=s.cpu_group)
+    s.all_reduce(counts, s.cpu_group)
     if not s.master:
         return None
     mu, sigma = (ref["mu"], ref["sigma"]) if ref else feature_stats(g["ref_feats"])
@@ -260,8 +259,7 @@ def gfid(cfg, s, net, ref, log):
     """Generate num_samples images of the FAR checkpoint (image i: labels[i], seed image_seed(--seed, i), as sample.py)
     or read --samples, and score them against --ref: FID, IS, precision / recall, class accuracy under --net=fmnist."""
     if cfg.samples:
-        samples = load_npz_images(cfg.samples)
-        labels = open_npz(cfg.samples, ["arr_0"]).get("arr_1")
+        samples, labels = load_npz_images(cfg.samples), open_npz(cfg.samples, ["arr_0"]).get("arr_1")
         n = min(cfg.num_samples, len(samples))
         log(f"gfid: {n} samples from {cfg.samples}")
     elif cfg.ckpt:

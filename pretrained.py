@@ -2,12 +2,9 @@
 Every frozen pretrained network of the project, in our own compact code that loads the original files: OpenAI CLIP
 and DINOv2 (FQGAN's teachers: Dual = CLIP ViT-L/14, Triple = DINOv2 ViT-S/14 + CLIP ViT-B/16), the two Fashion-MNIST
 networks of train_classifier.py (IU teacher, FID-FMNIST CNN), LPIPS v0.1 'vgg' and pytorch-fid's FID Inception.
-Teacher: images in [-1, 1] -> x*0.5+0.5 -> nearest resize (as the official code) -> its mean/std -> (cls feature (B, D),
-patch features (B, N, D)); CLIP's cls is the class token BEFORE ln_post (HF hidden_states[-1][:, 0]), DINOv2's AFTER
-the final norm (x_norm_clstoken). Weights: the path given, else torch.hub.get_dir()/checkpoints/<original file name>,
-downloaded only with download=True (WEIGHT_URLS); loaded strictly. 'tiny' = small random CLIP / DINOv2 / LPIPS (tests).
-Shapes: B batch, H W image size, g grid side, N = g*g patch tokens, R registers, D token (teacher feature) width, E CLIP
-embedding width, C channels.
+A teacher's cls feature: CLIP's is the class token BEFORE ln_post (HF hidden_states[-1][:, 0]), DINOv2's AFTER the final
+norm (x_norm_clstoken). 'tiny' = small random CLIP / DINOv2 / LPIPS (tests). Shapes: B batch, H W image size, g grid
+side, N = g*g patch tokens, R registers, D token (teacher feature) width, E CLIP embedding width, C channels.
 """
 import math
 import os

@@ -7,9 +7,6 @@ Train the two small Fashion-MNIST networks (pretrained.Classifier) on the labell
   --net=featnet  the evaluation CNN: its features give FID-FMNIST, its predictions the class accuracy of samples
                  (eval_fid.py --net=fmnist). It is not the teacher: a metric must not be the training target.
 
-    python train_classifier.py                  # the teacher -> out/teacher/ckpt.pt
-    python train_classifier.py --net=featnet    # the evaluation CNN -> out/featnet/ckpt.pt
-
 AdamW, warm-up then cosine decay, label smoothing 0.1, 32 px; recipes in NETS (no flips or 2-pixel shifts for the
 teacher: they cost it ~0.5 and ~1.3 points here). The test accuracy goes into the checkpoint.
 """
@@ -45,14 +42,6 @@ class TrainConfig:
         check(self, net=tuple(NETS))
 
 
-@torch.no_grad()
-def accuracy(model, images, labels, s):
-    model.eval()
-    hits = sum((model(x.to(s.device).expand(-1, 3, -1, -1))["logits"].argmax(1).cpu() == y).sum().item()
-               for x, y in zip(images.split(500), labels.split(500)))
-    return hits / len(labels)
-
-
 def main(cfg):
     """Train, test, save; returns {'test_acc', 'seconds', 'path', 'model'}."""
     with session(cfg.device, all_cores=True) as s:  # it runs alone: both cores (OMP_NUM_THREADS=1 if busy)
@@ -82,7 +71,11 @@ def main(cfg):
             opt.step()
             if (step + 1) % max(1, steps // 10) == 0:
                 log(f"step {step + 1}/{steps} | loss {loss.item():.4f} | {time.time() - t0:.0f} s")
-        acc, seconds = accuracy(model, test.images, test.labels, s), time.time() - t0
+        model.eval()
+        with torch.no_grad():  # test accuracy
+            hits = sum((model(x.to(s.device).expand(-1, 3, -1, -1))["logits"].argmax(1).cpu() == y).sum().item()
+                       for x, y in zip(test.images.split(500), test.labels.split(500)))
+        acc, seconds = hits / len(test.labels), time.time() - t0
         log(f"{cfg.net}: test accuracy {acc:.4f} after {seconds:.0f} s of training -> {path}")
         save_checkpoint(checkpoint_dict(model.cpu(), cfg.net, test_acc=acc, train_config=asdict(cfg)), path)
         return {"test_acc": acc, "seconds": seconds, "path": path, "model": model}

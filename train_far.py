@@ -206,8 +206,7 @@ def main(cfg):
         tok = build(FQGAN, load_checkpoint(cfg.tokenizer, "fqgan"), cfg.tokenizer, s.device).requires_grad_(False)
         K, V, T = tok.cfg.n_codebooks, tok.cfg.codebook_size, tok.grid ** 2
         meta = code_meta(tok, cfg.tokenizer)
-        log(f"tokenizer {cfg.tokenizer}: K={K} x V={V}, {tok.grid}x{tok.grid} tokens, "
-            f"fingerprint {meta['fingerprint']}")
+        log(f"tokenizer {cfg.tokenizer}: K={K} x V={V}, T={T} tokens, fingerprint {meta['fingerprint']}")
         ckpt = load_checkpoint(path, "far") if cfg.resume else None
         if ckpt:  # checked before any image is encoded; the same tokenizer also means the same K, V, T
             resumed = build(FAR, ckpt, path)

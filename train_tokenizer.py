@@ -197,8 +197,7 @@ def generator_loss(x, recon, aux, preds, teachers, step, cfg, disc=None, lpips=N
 
 def discriminator_loss(disc, x, fake, step, cfg):
     """L_D = w_adv(t) * 1/2 (mean relu(1 - D(x)) + mean relu(1 + D(fake))), fake = the detached reconstruction."""
-    hinge = F.relu(1.0 - disc(x).float()).mean() + F.relu(1.0 + disc(fake).float()).mean()
-    return gan_weight(step, cfg) * 0.5 * hinge
+    return gan_weight(step, cfg) * 0.5 * (F.relu(1 - disc(x).float()).mean() + F.relu(1 + disc(fake).float()).mean())
 
 
 # ---- set-up
