@@ -1,6 +1,9 @@
-"""bench.py on its micro preset (CPU): every figure of every line is printed, finite and positive."""
+"""bench.py on its micro preset (CPU): every figure of every line is printed, finite and positive; bench_official.py
+without the official code."""
 import math
 import re
+import subprocess
+import sys
 
 import bench
 
@@ -20,3 +23,12 @@ def test_bench_sweep_runs_both_train_steps_per_batch():
     assert [re.search(r"^(tokenizer|FAR) train step \(tiny, batch (\d)\)", x).groups() for x in lines] == \
         [("tokenizer", "2"), ("FAR", "2"), ("tokenizer", "3"), ("FAR", "3")], lines
     assert all("peak RSS" in x for x in lines)
+
+
+def test_bench_official_without_a_checkout_is_one_line(tmp_path):
+    """bench_official.py needs the official code, which this project does not ship: a clear one-line error."""
+    out = subprocess.run([sys.executable, "bench_official.py", f"--official={tmp_path}"], capture_output=True,
+                         text=True)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.startswith("error: --official=") and "git clone https://github.com/showlab/FQGAN" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
