@@ -286,7 +286,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, w, y, grads):
         rows = max(1, 2 ** 22 // w.shape[0])  # 4M logits (16 MiB fp32) per chunk
-        loss, dz, dw = z.new_zeros((), dtype=torch.float32), torch.zeros_like(z), torch.zeros_like(w)
+        loss = z.new_zeros((), dtype=torch.float32)
+        dz, dw = (torch.zeros_like(z), torch.zeros_like(w)) if grads else (None, None)  # no work for evaluation
         for s in range(0, len(z), rows):
             zc, yc = z[s:s + rows], y[s:s + rows]
             logits = (zc @ w.t()).float()  # (n, V)

@@ -318,10 +318,10 @@ class NearestCode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _):
-        zf, e, pbar = ctx.saved_tensors
-        t, rows, dz, de = ctx.temperature, ctx.rows, torch.zeros_like(zf), torch.zeros_like(e)
-        if t == 0:
-            return dz, de, None
+        if ctx.temperature == 0:  # no entropy term: the loss is the constant 0
+            return None, None, None
+        (zf, e, pbar), t, rows = ctx.saved_tensors, ctx.temperature, ctx.rows
+        dz, de = torch.zeros_like(zf), torch.zeros_like(e)
         c, scale = torch.log(pbar + 1e-5) + pbar / (pbar + 1e-5), grad * 2.0 / (t * len(zf))  # (V,), ()
         for s in range(0, len(zf), rows):
             zc = zf[s:s + rows]
