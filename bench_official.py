@@ -143,6 +143,8 @@ def main(cfg):
         kind, impl, B = cfg.run.split(",")
         print(json.dumps(measure(cfg, kind, impl, int(B))))
         return
+    if set(cfg.what.split(",")) - {"far", "tokenizer", "quantizer"}:
+        raise SystemExit(f"--what={cfg.what}: choose among far, tokenizer, quantizer (comma-separated)")
     if not os.path.isdir(os.path.join(cfg.official, "autoregressive")) or not os.path.exists("/proc/self/clear_refs"):
         raise SystemExit(f"--official={cfg.official!r}: pass a showlab/FQGAN checkout (git clone "
                          "https://github.com/showlab/FQGAN); needs Linux (/proc) and einops")

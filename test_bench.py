@@ -32,3 +32,6 @@ def test_bench_official_without_a_checkout_is_one_line(tmp_path):
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.startswith("error: --official=") and "git clone https://github.com/showlab/FQGAN" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+    out = subprocess.run([sys.executable, "bench_official.py", f"--official={tmp_path}", "--what=far,gan"],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "--what=far,gan: choose among far, tokenizer, quantizer" in out.stderr
